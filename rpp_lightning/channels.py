@@ -1,0 +1,160 @@
+"""Client side of the runner: one way to open a channel to any rpp server.
+
+Several addresses for one service become one channel with gRPC's own `round_robin` load
+balancing (no hand-written balancer). Retries of transient failures use gRPC's retry policy from
+the service config, so they are bounded by the caller's deadline. Imports grpc only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+
+@dataclass
+class ChannelConfig:
+    """Where a service lives and how to talk to it securely."""
+
+    addresses: list[str] = field(default_factory=list)
+    """host:port of each replica; several are load-balanced round-robin."""
+    timeout_s: float = 60.0
+    """Deadline of each call, retries included."""
+    retries: int = 3
+    """Extra attempts on UNAVAILABLE (a replica restarting or draining), with backoff."""
+    tls_ca: str | None = None
+    """PEM CA to verify the server; enables TLS."""
+    tls_cert: str | None = None
+    """PEM client certificate, for mutual TLS."""
+    tls_key: str | None = None
+    """PEM client key, for mutual TLS."""
+    tls_server_name: str | None = None
+    """Name to verify in the server certificate when addresses are IPs."""
+    token_env: str | None = None
+    """Environment variable holding the bearer token to send."""
+    token_file: str | None = None
+    """File holding the bearer token to send."""
+    max_message_mb: int = 256
+    """Largest message sent or received, in MiB."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the bearer token, if one is configured."""
+        token = None
+        if self.token_env:
+            token = os.environ.get(self.token_env, "").strip() or None
+        elif self.token_file:
+            token = Path(self.token_file).read_text().splitlines()[0].strip()
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def resolve_target(addresses: Sequence[str]) -> str:
+    """A gRPC target naming every replica: `ipv4:a:p,b:q` (hostnames resolved once here).
+
+    One hostname alone keeps gRPC's DNS resolver (`dns:///host:port`), which re-resolves and
+    balances over every address the name has.
+    """
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        host, port = _split_host_port(addresses[0])
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"dns:///{host}:{port}"
+    v4, v6 = [], []
+    for address in addresses:
+        host, port = _split_host_port(address)
+        for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            if family == socket.AF_INET:
+                v4.append(f"{sockaddr[0]}:{port}")
+            elif family == socket.AF_INET6:
+                v6.append(f"[{sockaddr[0]}]:{port}")
+            break  # the first address of each host: one endpoint per replica
+    if v4 and v6:
+        raise ValueError("mixing IPv4 and IPv6 replicas in one channel is not supported")
+    return "ipv4:" + ",".join(dict.fromkeys(v4)) if v4 else "ipv6:" + ",".join(dict.fromkeys(v6))
+
+
+def _service_config(service_names: Sequence[str], retries: int) -> str:
+    policy = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": name} for name in service_names],
+                # Only UNAVAILABLE is retried: the call never reached a servicer, so repeating
+                # it cannot score or generate twice. Backoff 0.1s, 0.2s, 0.4s... capped at 2s.
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+    if retries <= 0:
+        del policy["methodConfig"][0]["retryPolicy"]
+    return json.dumps(policy)
+
+
+def open_channel(config: ChannelConfig, service_names: Sequence[str]) -> grpc.Channel:
+    """A channel to every replica in `config.addresses`, round-robin, with retries."""
+    max_bytes = config.max_message_mb * 1024 * 1024
+    options = [
+        ("grpc.service_config", _service_config(service_names, config.retries)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+    ]
+    target = resolve_target(config.addresses)
+    if config.tls_ca is None:
+        return grpc.insecure_channel(target, options=options)
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(config.tls_ca).read_bytes(),
+        private_key=Path(config.tls_key).read_bytes() if config.tls_key else None,
+        certificate_chain=Path(config.tls_cert).read_bytes() if config.tls_cert else None,
+    )
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_until_serving(config: ChannelConfig, timeout_s: float = 60.0, service: str = "") -> None:
+    """Block until every replica's grpc.health.v1 reports SERVING; TimeoutError otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    for address in config.addresses:
+        single = ChannelConfig(**{**config.__dict__, "addresses": [address], "retries": 0})
+        with open_channel(single, ["grpc.health.v1.Health"]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s")
+                try:
+                    reply = stub.Check(
+                        health_pb2.HealthCheckRequest(service=service),
+                        timeout=min(remaining, 5.0),
+                        wait_for_ready=True,
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(min(0.2, max(remaining, 0)))

@@ -1,0 +1,197 @@
+"""Typed configuration of a training run. Each field's docstring is its `--help` text.
+
+The LightningModule takes these dataclasses as constructor arguments, so LightningCLI (via
+jsonargparse) turns them into YAML sections (`model.algorithm.kl_coef: 0.001`) and flags
+(`--model.algorithm.kl_coef 0.001`). Each group validates itself and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _raise_all(group: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"invalid {group} configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class PolicyConfig:
+    """Where the policy (and the frozen reference model) come from."""
+
+    path: str | None = None
+    """Local Hugging Face model directory (`from_pretrained`). Also the reference model."""
+    config: dict[str, Any] | None = None
+    """Instead of `path`: a transformers config dict (with `model_type`), randomly initialised."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to `path`."""
+    reference_path: str | None = None
+    """Reference model directory when it differs from `path` (default: same as the policy)."""
+    seed: int = 0
+    """Seed for random initialisation from `config`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def validate(self) -> None:
+        problems = []
+        if (self.path is None) == (self.config is None):
+            problems.append("give exactly one of `path` and `config`")
+        if self.config is not None and "model_type" not in self.config:
+            problems.append("`config` needs a `model_type` (e.g. llama, qwen2)")
+        if self.path is None and self.tokenizer is None:
+            problems.append("`tokenizer` is required when the policy comes from `config`")
+        _raise_all("policy", problems)
+
+
+@dataclass
+class AlgorithmConfig:
+    """REINFORCE++ and its variants (../shared/docs/algorithm.md sections 1-5)."""
+
+    advantage_estimator: Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"] = (
+        "reinforce_pp"
+    )
+    """How advantages are estimated; also decides where the KL term goes (algorithm.md §4)."""
+    kl_coef: float = 0.01
+    """β: weight of the KL penalty (paper: 0.01 general chat, 0.001 math)."""
+    gamma: float = 1.0
+    """Discount of token rewards."""
+    reward_clip: float = 10.0
+    """Scalar rewards are clipped to [-reward_clip, reward_clip]."""
+    reward_normalization: Literal["none", "batch", "running"] = "none"
+    """Normalise scalar rewards before clipping."""
+    clip_eps_low: float = 0.2
+    """PPO clip: ratios below 1 - clip_eps_low are clipped."""
+    clip_eps_high: float = 0.2
+    """PPO clip: ratios above 1 + clip_eps_high are clipped."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None disables."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0 disables; computing entropy costs memory)."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 8
+    """Rollouts (samples) per optimizer step, per rank."""
+    micro_batch_size: int = 4
+    """Rollouts per forward/backward, per rank (gradient accumulation inside a mini-batch)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.kl_coef < 0:
+            problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not 0 < self.gamma <= 1:
+            problems.append(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            problems.append(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.micro_batch_size < 1 or self.mini_batch_size % self.micro_batch_size:
+            problems.append(
+                f"mini_batch_size ({self.mini_batch_size}) must be a positive multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        _raise_all("algorithm", problems)
+
+
+@dataclass
+class RolloutConfig:
+    """What each iteration samples (algorithm.md §6 step 1)."""
+
+    prompts_per_step: int = 8
+    """Prompts per iteration per rank (the rollout batch is prompts_per_step × n_samples)."""
+    n_samples: int = 4
+    """Responses per prompt."""
+    max_new_tokens: int = 256
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+    stop_strings_token_ids: list[int] = field(default_factory=list)
+    """Extra stop token ids (the tokenizer's EOS always stops)."""
+    max_iterations: int = 100
+    """Training iterations (rollout → update → weight push); also sets the LR schedule length."""
+
+    def validate(self, algorithm: AlgorithmConfig) -> None:
+        problems = []
+        rollouts = self.prompts_per_step * self.n_samples
+        if self.prompts_per_step < 1 or self.n_samples < 1:
+            problems.append("prompts_per_step and n_samples must be >= 1")
+        elif rollouts % algorithm.mini_batch_size:
+            problems.append(
+                f"prompts_per_step × n_samples ({rollouts}) must be a multiple of "
+                f"algorithm.mini_batch_size ({algorithm.mini_batch_size})"
+            )
+        if self.max_new_tokens < 1:
+            problems.append("max_new_tokens must be >= 1")
+        if self.max_iterations < 1:
+            problems.append("max_iterations must be >= 1")
+        _raise_all("rollout", problems)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, stepped once per optimizer step."""
+
+    lr: float = 1e-6
+    """Peak learning rate (paper: 5e-7 for 7-8B models)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent warming up linearly from 0."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr × min_lr_ratio."""
+
+
+@dataclass
+class ServerEndpoint:
+    """A gRPC service the trainer calls; several addresses are replicas."""
+
+    addresses: list[str] = field(default_factory=list)
+    """host:port of each replica (filled in by `local_servers` when they are started here)."""
+    timeout_s: float = 300.0
+    """Deadline of one call."""
+    retries: int = 3
+    """Extra attempts on transient failures (UNAVAILABLE)."""
+    tls_ca: str | None = None
+    """PEM CA to verify servers with; enables TLS."""
+    tls_cert: str | None = None
+    """Client certificate for mutual TLS."""
+    tls_key: str | None = None
+    """Client key for mutual TLS."""
+    token_env: str | None = None
+    """Environment variable holding the bearer token."""
+
+
+@dataclass
+class RewardSource(ServerEndpoint):
+    """One reward server (or a load-balanced set of replicas)."""
+
+    name: str = "reward"
+    """Metric name of this source (`reward/<name>`)."""
+    weight: float = 1.0
+    """Weight in the combined reward."""
+    route_column: str | None = None
+    """Dataset column used for routing; None: every sample goes to this source."""
+    route_values: list[str] = field(default_factory=list)
+    """Samples whose `route_column` is one of these go to this source."""
+    local: Literal["math", "preference"] | None = None
+    """Start this reward server as a child process on a free loopback port."""
+    local_args: list[str] = field(default_factory=list)
+    """Extra CLI arguments for a local server (e.g. ["--model", "path"])."""
+
+
+@dataclass
+class GenerationEndpoint(ServerEndpoint):
+    """The generation servers."""
+
+    local: bool = False
+    """Start one transformers generation server as a child process on a free loopback port."""
+    local_args: list[str] = field(default_factory=list)
+    """Extra CLI arguments for the local generation server."""

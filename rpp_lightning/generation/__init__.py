@@ -1,0 +1,1 @@
+"""Generation servers (transformers and vLLM backends) and the client the trainer uses."""

@@ -1,0 +1,405 @@
+"""One gRPC server runner for every rpp-lightning service (reward and generation servers).
+
+A servicer only implements its RPCs; this module gives every server the same operational
+behaviour: loopback bind by default, the standard grpc.health.v1 service, server reflection, a
+concurrency limit, a max message size, optional TLS / mutual TLS, an optional bearer token checked
+in constant time, clean statuses for unparsable requests and unexpected exceptions, a log line per
+call, and a graceful drain on SIGTERM. This module imports grpc and the standard library only:
+a math-verifier server runs it without torch.
+
+    server = GrpcServer(ServerConfig(port=0), [ServiceSpec(servicer, add_fn, "rpp.v1.X")])
+    server.start()          # binds, returns the port (useful with port 0)
+    server.serve_until_signal()
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("rpp.server")
+
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class StatusError(Exception):
+    """Raised by servicer logic to end a call with a specific gRPC status and message.
+
+    Servicer code raises this instead of touching the context, which keeps it testable without
+    gRPC; the runner turns it into `context.abort(code, message)`.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid_argument(message: str) -> StatusError:
+    """Shorthand for the most common servicer error."""
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass
+class ServerConfig:
+    """How a server listens and whom it trusts. Every rpp server CLI exposes these flags."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default: exposing a server is an explicit choice."""
+    port: int = 0
+    """Port to bind; 0 picks a free one (printed on start)."""
+    max_workers: int = 16
+    """Threads serving calls."""
+    max_concurrent_rpcs: int = 64
+    """Calls in flight beyond this get RESOURCE_EXHAUSTED instead of queueing without bound."""
+    max_message_mb: int = 256
+    """Largest request or response message, in MiB; larger requests get RESOURCE_EXHAUSTED."""
+    grace_s: float = 30.0
+    """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
+    tls_cert: str | None = None
+    """PEM certificate chain of the server; with tls_key enables TLS."""
+    tls_key: str | None = None
+    """PEM private key of the server."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    token_env: str | None = None
+    """Name of an environment variable holding the bearer token clients must send."""
+    token_file: str | None = None
+    """File holding the bearer token (first line). The token itself is never a flag or logged."""
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every problem with this configuration."""
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in 0..65535, got {self.port}")
+        if self.max_workers < 1:
+            problems.append(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_concurrent_rpcs < 1:
+            problems.append(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if self.max_message_mb < 1:
+            problems.append(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"{name}: no such file {path}")
+        if self.token_env and not os.environ.get(self.token_env):
+            problems.append(f"token_env: environment variable {self.token_env} is unset or empty")
+        if problems:
+            raise ValueError("invalid server configuration:\n  " + "\n  ".join(problems))
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def read_token(self) -> str | None:
+        """The bearer token clients must present, or None when auth is off."""
+        if self.token_env:
+            return os.environ[self.token_env].strip()
+        if self.token_file:
+            return Path(self.token_file).read_text().splitlines()[0].strip()
+        return None
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ServerConfig flags (--host, --port, --tls-cert, ...) to a CLI parser."""
+    defaults = ServerConfig()
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=defaults.host, help="interface to bind")
+    group.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    group.add_argument("--max-workers", type=int, default=defaults.max_workers)
+    group.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs)
+    group.add_argument("--max-message-mb", type=int, default=defaults.max_message_mb)
+    group.add_argument("--grace-s", type=float, default=defaults.grace_s, help="SIGTERM drain")
+    group.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
+    group.add_argument("--tls-key", help="PEM private key")
+    group.add_argument("--tls-client-ca", help="PEM CA that client certificates must chain to")
+    group.add_argument("--token-env", help="environment variable holding the bearer token")
+    group.add_argument("--token-file", help="file holding the bearer token")
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build a ServerConfig from the flags of `add_server_arguments`."""
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_message_mb=args.max_message_mb,
+        grace_s=args.grace_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        token_env=args.token_env,
+        token_file=args.token_file,
+    )
+
+
+@dataclass
+class ServiceSpec:
+    """A servicer and how to register it, as the generated `add_XServicer_to_server` does."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.Server], None]
+    name: str
+    """Full service name, e.g. "rpp.v1.RewardService" (for health and reflection)."""
+
+
+class _Undecodable:
+    """Stands in for a request message that failed to parse (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # gRPC answers a deserializer exception with INTERNAL "Exception deserializing request!",
+    # which blames the server for the client's bad bytes; we want INVALID_ARGUMENT that says why.
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf raises DecodeError, but be broad: it is input
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check_parsed(message: Any) -> Any:
+    if isinstance(message, _Undecodable):
+        raise invalid_argument(f"request could not be parsed: {message.error}")
+    return message
+
+
+def _parsed_stream(messages: Iterator[Any]) -> Iterator[Any]:
+    for message in messages:
+        yield _check_parsed(message)
+
+
+def _was_aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code()
+    return code is not None and code != grpc.StatusCode.OK
+
+
+class _CallPolicy(grpc.ServerInterceptor):
+    """Bearer-token auth, parse errors, exception-to-status mapping and a log line per call."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = f"Bearer {token}".encode() if token else None
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._token is None or details.method.startswith(_HEALTH_PREFIX):
+            return True  # health stays open so orchestrators can probe without the secret
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        # compare_digest: the time taken must not reveal how much of the token matched
+        return hmac.compare_digest(str(sent).encode(), self._token)
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        authorized = self._authorized(details)
+        if handler.request_streaming or handler.response_streaming:
+            if handler.response_streaming:  # health Watch, reflection: pass through after auth
+                return _rebuild(handler, _guard_streaming(handler, method, authorized))
+            return _rebuild(handler, _guard_unary_response(handler, method, authorized, True))
+        return _rebuild(handler, _guard_unary_response(handler, method, authorized, False))
+
+
+def _deny(context: grpc.ServicerContext, method: str) -> None:
+    log.warning("%s denied: missing or invalid bearer token", method)
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+def _guard_unary_response(handler, method: str, authorized: bool, request_streaming: bool):
+    inner = handler.stream_unary if request_streaming else handler.unary_unary
+
+    def behaviour(request, context: grpc.ServicerContext):
+        if not authorized:
+            _deny(context, method)
+        start = time.perf_counter()
+        size = ""
+        try:
+            if request_streaming:
+                request = _parsed_stream(request)
+            else:
+                request = _check_parsed(request)
+                size = f" request_bytes={request.ByteSize()}"
+            response = inner(request, context)
+        except StatusError as exc:
+            context.abort(exc.code, exc.message)
+        except Exception as exc:
+            if _was_aborted(context):
+                raise
+            log.exception("%s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            code = context.code() or grpc.StatusCode.OK
+            ms = (time.perf_counter() - start) * 1000
+            # health probes arrive every few seconds: keep them out of the INFO log
+            level = logging.DEBUG if method.startswith(_HEALTH_PREFIX) else logging.INFO
+            log.log(level, "%s status=%s latency_ms=%.1f%s", method, code.name, ms, size)
+        return response
+
+    return behaviour
+
+
+def _guard_streaming(handler, method: str, authorized: bool):
+    inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+    def behaviour(request, context: grpc.ServicerContext):
+        if not authorized:
+            _deny(context, method)
+        if handler.request_streaming:
+            request = _parsed_stream(request)
+        else:
+            request = _check_parsed(request)
+        yield from inner(request, context)
+
+    return behaviour
+
+
+def _rebuild(handler, behaviour):
+    """A handler like `handler` but running `behaviour` and parsing requests safely."""
+    deserializer = handler.request_deserializer and _safe_deserializer(handler.request_deserializer)
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return kind(
+        behaviour,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class GrpcServer:
+    """A started-or-not gRPC server hosting `services` with the operational policy above."""
+
+    def __init__(self, config: ServerConfig, services: Sequence[ServiceSpec]) -> None:
+        config.validate()
+        self.config = config
+        self.services = list(services)
+        self.port: int | None = None
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers),
+            interceptors=[_CallPolicy(config.read_token())],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+            ],
+        )
+        for spec in self.services:
+            spec.add_to_server(spec.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [s.name for s in self.services]
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{host}:{self.port}"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        cfg = self.config
+        if not cfg.tls_cert:
+            return None
+        key_pair = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
+        client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [key_pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def start(self) -> int:
+        """Bind and start serving; return the bound port."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        target = f"{host}:{self.config.port}"
+        credentials = self._credentials()
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(target)
+            else:
+                self.port = self._server.add_secure_port(target, credentials)
+        except RuntimeError as exc:  # grpc raises RuntimeError when the bind fails
+            raise OSError(f"could not bind {target}: {exc}") from exc
+        self._server.start()
+        for name in ["", *(s.name for s in self.services)]:
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        tls = "mutual TLS" if self.config.tls_client_ca else ("TLS" if credentials else "plaintext")
+        auth = "bearer token" if self.config.read_token() else "no auth"
+        names = ", ".join(s.name for s in self.services)
+        log.info("serving %s on %s (%s, %s)", names, self.address, tls, auth)
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within grace."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._health.enter_graceful_shutdown()
+        grace = self.config.grace_s if grace is None else grace
+        log.info("draining (grace %.1fs)", grace)
+        self._server.stop(grace).wait()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; True if it did within `timeout`."""
+        return self._server.wait_for_termination(timeout)
+
+    def serve_until_signal(self) -> None:
+        """Start (if needed), print the address, and serve until SIGTERM or SIGINT, then drain.
+
+        The line `listening on HOST:PORT` goes to stdout so scripts using --port 0 can read it.
+        """
+        if self.port is None:
+            self.start()
+        print(f"listening on {self.address}", flush=True)
+        stop_requested = threading.Event()
+
+        def on_signal(signum, _frame):
+            log.info("received %s", signal.Signals(signum).name)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not stop_requested.wait(0.5):
+            pass
+        self.stop()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One log format for every server CLI."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
