@@ -1,17 +1,64 @@
-"""`rpp-train`: the training CLI (LightningCLI over the REINFORCE++ module)."""
+"""`rpp-train`: LightningCLI over the REINFORCE++ module and the prompt data module.
+
+    rpp-train fit --config configs/tiny.yaml
+    rpp-train fit --config configs/tiny.yaml --model.algorithm.advantage_estimator grpo
+    rpp-train fit --config configs/tiny.yaml --trainer.devices 2 --trainer.strategy fsdp2
+    rpp-train fit --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt   # resume
+
+Every YAML key has a flag of the same dotted name; `rpp-train fit --help` lists them with their
+docstrings, and `rpp-train fit --print_config` shows the resolved configuration.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from lightning.pytorch.cli import LightningCLI
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rpp-train", description="Train with REINFORCE++.")
-    parser.add_argument("subcommand", nargs="?", choices=["fit"])
-    parser.parse_args(argv)
-    print("rpp-train: not implemented yet", file=sys.stderr)
-    return 2
+from rpp_lightning.data import PromptDataModule
+from rpp_lightning.module import ReinforcePP
+from rpp_lightning.strategy import register as register_strategies
+
+
+def _tokenizer_dir(policy) -> str | None:
+    return policy.tokenizer or policy.path
+
+
+class RppCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module tokenises prompts with the policy's tokenizer: one setting, not two.
+        parser.link_arguments("model.policy", "data.tokenizer", compute_fn=_tokenizer_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the model's arguments with the ones saved in the checkpoint
+        # (and only for single-file checkpoints, not sharded ones). A resumed run takes its
+        # configuration from the command line and YAML: servers may have moved since, and
+        # `max_iterations` is what one usually raises when resuming.
+        return
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> RppCLI:
+    register_strategies()
+    return RppCLI(
+        ReinforcePP,
+        PromptDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        trainer_defaults={
+            # our sampler already gives each rank its share and resumes mid-epoch
+            "use_distributed_sampler": False,
+            "num_sanity_val_steps": 0,
+            "max_epochs": -1,  # stopping is model.rollout.max_iterations' job
+        },
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "rpp-train"},
+    )
+
+
+def main() -> int:
+    cli_main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -97,10 +97,8 @@ class AlgorithmConfig:
 
 @dataclass
 class RolloutConfig:
-    """What each iteration samples (algorithm.md §6 step 1)."""
+    """What each iteration samples (algorithm.md §6 step 1); prompts per step: data.batch_size."""
 
-    prompts_per_step: int = 8
-    """Prompts per iteration per rank (the rollout batch is prompts_per_step × n_samples)."""
     n_samples: int = 4
     """Responses per prompt."""
     max_new_tokens: int = 256
@@ -111,25 +109,19 @@ class RolloutConfig:
     """Nucleus sampling mass."""
     top_k: int = 0
     """Top-k sampling (0 disables)."""
-    stop_strings_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop token ids (the tokenizer's EOS always stops)."""
     max_iterations: int = 100
     """Training iterations (rollout → update → weight push); also sets the LR schedule length."""
 
-    def validate(self, algorithm: AlgorithmConfig) -> None:
+    def validate(self) -> None:
         problems = []
-        rollouts = self.prompts_per_step * self.n_samples
-        if self.prompts_per_step < 1 or self.n_samples < 1:
-            problems.append("prompts_per_step and n_samples must be >= 1")
-        elif rollouts % algorithm.mini_batch_size:
-            problems.append(
-                f"prompts_per_step × n_samples ({rollouts}) must be a multiple of "
-                f"algorithm.mini_batch_size ({algorithm.mini_batch_size})"
-            )
+        if self.n_samples < 1:
+            problems.append(f"n_samples must be >= 1, got {self.n_samples}")
         if self.max_new_tokens < 1:
-            problems.append("max_new_tokens must be >= 1")
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_iterations < 1:
-            problems.append("max_iterations must be >= 1")
+            problems.append(f"max_iterations must be >= 1, got {self.max_iterations}")
         _raise_all("rollout", problems)
 
 
@@ -147,6 +139,8 @@ class OptimConfig:
     """Fraction of optimizer steps spent warming up linearly from 0."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr × min_lr_ratio."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
 
 
 @dataclass
@@ -181,8 +175,9 @@ class RewardSource(ServerEndpoint):
     """Dataset column used for routing; None: every sample goes to this source."""
     route_values: list[str] = field(default_factory=list)
     """Samples whose `route_column` is one of these go to this source."""
-    local: Literal["math", "preference"] | None = None
-    """Start this reward server as a child process on a free loopback port."""
+    local: str | None = None
+    """Start this reward server here, on a free loopback port: "math", "preference", or a user
+    verifier as "module:Class" (the `rpp-reward-server --verifier` argument)."""
     local_args: list[str] = field(default_factory=list)
     """Extra CLI arguments for a local server (e.g. ["--model", "path"])."""
 

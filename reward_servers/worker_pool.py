@@ -1,0 +1,194 @@
+"""A process pool with a hard per-task timeout: a stuck task costs one worker, never the batch.
+
+`concurrent.futures.ProcessPoolExecutor` cannot stop one task: killing a worker breaks the
+whole pool. Here each worker process has one parent-side thread that feeds it tasks one at a
+time from a shared queue. When a task overruns `hard_timeout_s` the thread SIGKILLs the process,
+starts a fresh one and reports `TIMED_OUT` for that task; the other workers keep going.
+
+Processes come from a `forkserver`: forking the gRPC server process itself (threads, locks held
+mid-call) is unsafe, and the fork server preloads `preload` modules once, so replacing a killed
+worker takes milliseconds instead of re-importing sympy.
+
+    pool = WorkerPool(my_module.fn, workers=2, hard_timeout_s=5.0, preload=["my_module"])
+    results = pool.map([task1, task2], deadline_s=10.0)  # fn(task) or TIMED_OUT each
+    pool.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+log = logging.getLogger("rpp.reward.pool")
+
+TIMED_OUT = "timed_out"
+"""Result of a task whose worker was killed for overrunning hard_timeout_s."""
+
+
+class DeadlinePassed(Exception):
+    """The caller's deadline passed before every task finished; pending tasks were dropped."""
+
+
+class WorkerCrashed(Exception):
+    """A worker process died (not by our timeout) while running a task."""
+
+
+class TaskFailed(Exception):
+    """`fn` raised in the worker; the message is the worker's `Type: message`."""
+
+
+def _worker_main(conn, fn: Callable[[Any], Any]) -> None:
+    """Loop in the worker process: receive a task, run it on this main thread, send the result.
+
+    Running on the process's main thread is what lets `fn` use SIGALRM-based timeouts.
+    """
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        try:
+            conn.send((True, fn(task)))
+        except BaseException as exc:  # anything fn raises is the task's result, not our crash
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+class _Slot:
+    """One worker process and the parent thread that owns it."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.process = None
+        self.conn = None
+        self.thread = threading.Thread(target=self.run, name=f"worker-slot-{index}", daemon=True)
+
+    def spawn(self) -> None:
+        parent_conn, child_conn = self.pool.context.Pipe()
+        process = self.pool.context.Process(
+            target=_worker_main,
+            args=(child_conn, self.pool.fn),
+            daemon=True,
+            name=f"reward-worker-{self.index}",
+        )
+        process.start()
+        child_conn.close()
+        self.process, self.conn = process, parent_conn
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+        self.process = self.conn = None
+
+    def run(self) -> None:
+        while True:
+            item = self.pool.tasks.get()
+            if item is None:
+                return
+            future, task = item
+            if not future.set_running_or_notify_cancel():
+                continue  # its request gave up (deadline); skip the work
+            error: Exception | None = None
+            try:
+                result = self.run_one(task)
+            except TaskFailed as exc:  # the task's own error: the worker is fine
+                error = exc
+            except Exception as exc:  # never let this thread die with a future unresolved
+                log.error("worker %d failed: %s; replacing it", self.index, exc)
+                self.kill()
+                error = WorkerCrashed(f"worker process failed: {exc}")
+            if self.process is None and not self.pool.closed:
+                try:
+                    self.spawn()  # replace it before answering: the next task finds it ready
+                except Exception:
+                    log.exception("worker %d could not restart; retrying on next task", self.index)
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def run_one(self, task: Any) -> Any:
+        """fn(task) in this slot's process; TIMED_OUT after killing it if it overruns."""
+        if self.process is None:
+            self.spawn()
+        self.conn.send(task)
+        if not self.conn.poll(self.pool.hard_timeout_s):
+            log.warning(
+                "worker %d overran %.1fs: killed and replaced", self.index, self.pool.hard_timeout_s
+            )
+            self.kill()
+            return TIMED_OUT
+        ok, value = self.conn.recv()  # EOFError if the process died (e.g. out of memory)
+        if not ok:
+            raise TaskFailed(value)
+        return value
+
+
+class WorkerPool:
+    """`workers` processes running `fn(task)`, each task killed after `hard_timeout_s`."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int,
+        hard_timeout_s: float,
+        preload: Sequence[str] = (),
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.fn = fn
+        self.hard_timeout_s = hard_timeout_s
+        self.closed = False
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(preload))
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.slots = [_Slot(self, i) for i in range(workers)]
+        for slot in self.slots:
+            slot.spawn()  # start every worker now: the first request should not pay for it
+            slot.thread.start()
+
+    def map(self, tasks: Sequence[Any], deadline_s: float | None = None) -> list[Any]:
+        """Run `fn` on every task in parallel; results in order (TIMED_OUT for killed ones).
+
+        Raises DeadlinePassed when `deadline_s` seconds pass first (queued tasks are dropped),
+        WorkerCrashed when a worker died, TaskFailed when `fn` raised.
+        """
+        if self.closed:
+            raise RuntimeError("WorkerPool is closed")
+        pending = [futures.Future() for _ in tasks]
+        for future, task in zip(pending, tasks, strict=True):
+            self.tasks.put((future, task))
+        _, not_done = futures.wait(pending, timeout=deadline_s)
+        if not_done:
+            for future in not_done:
+                future.cancel()
+            raise DeadlinePassed(f"{len(not_done)} of {len(tasks)} tasks unfinished")
+        return [future.result() for future in pending]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the slot threads and their processes."""
+        if self.closed:
+            return
+        self.closed = True
+        for _ in self.slots:
+            self.tasks.put(None)
+        end = time.monotonic() + timeout_s
+        for slot in self.slots:
+            slot.thread.join(max(0.0, end - time.monotonic()))
+            if slot.conn is not None:
+                with contextlib.suppress(OSError):  # the worker may already be gone
+                    slot.conn.send(None)
+            if slot.process is not None:
+                slot.process.join(max(0.1, end - time.monotonic()))
+            slot.kill()

@@ -1,0 +1,109 @@
+"""A rollout batch as tensors, grouped by RL meaning (after OpenRLHF's `Experience`).
+
+Rows are prompt-major: with n samples per prompt, rows [k·n, (k+1)·n) answer prompt k, which is
+what the group estimators (GRPO, RLOO) rely on. Each row is a left-padded prompt followed by a
+right-padded response, so every response starts in the same column and the response tokens are
+the last R columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Experience:
+    """One rank's rollout batch of N = prompts × n samples."""
+
+    sequences: Tensor  # (N, P+R) token ids: left-padded prompt, then right-padded response
+    attention_mask: Tensor  # (N, P+R) 1 on real tokens
+    action_mask: Tensor  # (N, R) 1 on response tokens (the actions)
+    rewards: Tensor  # (N,) combined scalar reward, after normalisation and clipping
+    old_log_probs: Tensor | None = None  # (N, R) log π_old, computed by the trainer
+    ref_log_probs: Tensor | None = None  # (N, R) log π_ref
+    advantages: Tensor | None = None  # (N, R) detached
+    returns: Tensor | None = None  # (N, R)
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def to(self, device: torch.device | str) -> Experience:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Experience(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+    def select(self, rows: Tensor) -> Experience:
+        """The rows `rows` (a 1-D index tensor), trimmed of all-padding columns."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        picked = {k: v[rows] if v is not None else None for k, v in picked.items()}
+        return Experience(**picked).trimmed()
+
+    def trimmed(self) -> Experience:
+        """Drop prompt columns that are padding in every row and response columns likewise.
+
+        Micro-batches of short responses then cost short forwards.
+        """
+        prompt_len = self.sequences.shape[1] - self.num_actions
+        used_prompt = self.attention_mask[:, :prompt_len].any(0).nonzero()
+        start = int(used_prompt[0]) if len(used_prompt) else prompt_len
+        used_actions = self.action_mask.any(0).nonzero()
+        actions = int(used_actions[-1]) + 1 if len(used_actions) else 1
+        end = prompt_len + actions
+        per_action = {"action_mask", "old_log_probs", "ref_log_probs", "advantages", "returns"}
+        trimmed = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "rewards":
+                trimmed[f.name] = value
+            elif f.name in per_action:
+                trimmed[f.name] = value[:, :actions]
+            else:
+                trimmed[f.name] = value[:, start:end]
+        return replace(self, **trimmed)
+
+    def mini_batches(self, size: int, generator: torch.Generator) -> Iterator[Experience]:
+        """Shuffled mini-batches of `size` rows (len(self) must be a multiple of size)."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(self), size):
+            yield self.select(order[start : start + size])
+
+    def micro_batches(self, size: int) -> Iterator[Experience]:
+        for start in range(0, len(self), size):
+            yield self.select(torch.arange(start, min(start + size, len(self))))
+
+
+def pack_rollouts(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    n_samples: int,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sequences, attention_mask, action_mask) for prompt-major responses.
+
+    `responses[k * n_samples + j]` is sample j of `prompts[k]`.
+    """
+    if len(responses) != len(prompts) * n_samples:
+        raise ValueError(
+            f"expected {len(prompts)} prompts × {n_samples} samples = "
+            f"{len(prompts) * n_samples} responses, got {len(responses)}"
+        )
+    prompt_len = max(len(p) for p in prompts)
+    response_len = max(1, max(len(r) for r in responses))
+    n_rows = len(responses)
+    sequences = torch.full((n_rows, prompt_len + response_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(sequences)
+    action_mask = torch.zeros(n_rows, response_len, dtype=torch.long)
+    for row, response in enumerate(responses):
+        prompt = prompts[row // n_samples]
+        sequences[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
+        sequences[row, prompt_len : prompt_len + len(response)] = torch.tensor(response)
+        attention_mask[row, prompt_len - len(prompt) : prompt_len + len(response)] = 1
+        action_mask[row, : len(response)] = 1
+    return sequences, attention_mask, action_mask

@@ -1,0 +1,104 @@
+"""What a generation backend must do, and the per-sample types shared by every backend.
+
+The servicer validates requests and the scheduler batches them; a backend only turns a batch of
+independent sample rows into completions and swaps weights in. Two backends implement this
+protocol: `transformers_backend.TransformersBackend` (CPU and CUDA) and
+`vllm_backend.VLLMBackend` (GPU). Both run on the scheduler's one thread, so neither has to be
+thread-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Static facts about the loaded model (GetInfo reports them)."""
+
+    model: str
+    backend: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SampleRow:
+    """One sample to draw: a prompt and its own sampling parameters and seed.
+
+    A request for n samples of p prompts becomes p * n rows; rows of different requests are
+    batched together, which is why every parameter is per row.
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    """Seed of this row's own random stream (see `row_seed`)."""
+    temperature: float = 1.0
+    """0 selects greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation stops after any of these (the model's EOS ids are added by the backend)."""
+
+
+@dataclass
+class SampleResult:
+    """The completion of one SampleRow."""
+
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    """log_softmax of the model's raw logits at each sampled token (before temperature etc.)."""
+    finish_reason: str = "length"
+    """"stop" (a stop or EOS token ended it; the token is included) or "length"."""
+
+
+class Backend(Protocol):
+    """A model that samples rows and takes new weights. Called from one thread only."""
+
+    def info(self) -> BackendInfo:
+        """The loaded model's static description."""
+        ...
+
+    def state_dict_shapes(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every tensor an update may replace."""
+        ...
+
+    def generate(self, rows: list[SampleRow]) -> list[SampleResult]:
+        """Sample every row (one result per row, same order) with the current weights."""
+        ...
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy already-validated tensors (CPU, matching dtype and shape) into the model."""
+        ...
+
+
+def _splitmix64(x: int) -> int:
+    # A standard 64-bit mixer (Steele et al.): nearby inputs give unrelated outputs.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(request_seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample: `sample_index` of prompt `prompt_index` of a seeded request.
+
+    Prompt i of a request seeded s is sampled exactly like prompt 0 of a request seeded s + i. A
+    caller that splits one request into pieces starting at prompt k sends seed s + k with each
+    piece and gets the tokens the whole request would have given, whichever replica serves it and
+    however the server batches it. Fits in 63 bits (torch and vLLM take signed 64-bit seeds).
+    """
+    prompt_stream = _splitmix64((request_seed + prompt_index) & _MASK64)
+    return _splitmix64(prompt_stream ^ sample_index) >> 1
+
+
+def mix_seed(seed: int) -> int:
+    """A well-spread 63-bit seed from any integer (the client's seed base)."""
+    return _splitmix64(seed & _MASK64) >> 1

@@ -1,0 +1,347 @@
+"""The trainer's side of generation: spread prompts over replicas, check versions, push weights.
+
+    with GenerationClient(["gen-0:50051", "gen-1:50051"]) as client:
+        client.wait_until_ready()
+        client.push_weights(policy.state_dict(), version=step)
+        rollouts = client.generate(prompt_ids, SamplingConfig(n=4, seed=step))
+
+One channel per replica (not gRPC round-robin): weights must reach every replica explicitly, and
+prompts are spread deterministically. With a seed, the prompts of a call are split into contiguous
+pieces and the piece starting at prompt k is sent with seed `base + k`; the server seeds prompt i
+of a request with `seed + i` (see `backend.row_seed`), so every prompt's tokens depend only on the
+seed and its index in the call, not on the number of replicas or on which one serves it (a retry
+on another replica returns the same tokens).
+
+Retries: UNAVAILABLE (a replica restarting, draining or unreachable) is retried with exponential
+backoff on the next replica, within the call's deadline. Nothing else is retried: INVALID_ARGUMENT
+would fail again, and a stale version is the caller's to handle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from rpp_lightning.channels import ChannelConfig, open_channel, wait_until_serving
+from rpp_lightning.generation.backend import mix_seed
+from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
+from rpp_lightning.proto import generation_pb2 as pb
+from rpp_lightning.proto import generation_pb2_grpc
+
+log = logging.getLogger("rpp.generation.client")
+
+SERVICE_NAME = "rpp.v1.GenerationService"
+_MASK64 = (1 << 64) - 1
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class StaleWeightsError(RuntimeError):
+    """A replica served (or would have served) a weights version other than the expected one."""
+
+
+class WeightSyncError(RuntimeError):
+    """A weight push failed on one or more replicas (the message names them)."""
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample; mirrors rpp.v1.SamplingParams."""
+
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 disables."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    max_new_tokens: int = 256
+    """Largest number of tokens per sample."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Stop after any of these (besides the model's EOS)."""
+    seed: int | None = None
+    """Same seed, prompts, weights and parameters give the same tokens. None draws one."""
+
+
+@dataclass
+class Rollout:
+    """One sampled response to one prompt."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    """The server's log-probability of each token (raw model distribution, no temperature)."""
+    finish_reason: str
+    """"stop" or "length"."""
+    weights_version: int
+
+
+class GenerationClient:
+    """Talks to one or more generation server replicas."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        channel: ChannelConfig | None = None,
+        timeout_s: float = 600.0,
+        max_prompts_per_call: int = 64,
+    ) -> None:
+        if not addresses:
+            raise ValueError("GenerationClient needs at least one server address")
+        if max_prompts_per_call < 1:
+            raise ValueError("max_prompts_per_call must be >= 1")
+        base = channel or ChannelConfig()
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        self.max_prompts_per_call = max_prompts_per_call
+        # gRPC-level retries off: this client retries itself, moving to the next replica.
+        self._configs = [
+            dataclasses.replace(base, addresses=[a], retries=0) for a in self.addresses
+        ]
+        self._attempts = base.retries + 1
+        self._metadata = base.metadata()
+        self._channels = [open_channel(c, [SERVICE_NAME]) for c in self._configs]
+        self._stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.addresses)))
+        self._version: int | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every channel and the worker threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels:
+            channel.close()
+
+    def wait_until_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until every replica reports SERVING, then read (and cross-check) the version."""
+        for config in self._configs:
+            wait_until_serving(config, timeout_s, service=SERVICE_NAME)
+        self._version = None
+        _ = self.version
+
+    @property
+    def version(self) -> int:
+        """The last version pushed, or the one every replica serves (they must agree)."""
+        if self._version is None:
+            versions = {info.weights_version for info in self.server_info()}
+            if len(versions) != 1:
+                raise StaleWeightsError(f"replicas serve different weights versions: {versions}")
+            self._version = versions.pop()
+        return self._version
+
+    def server_info(self) -> list[pb.GenerationServerInfo]:
+        """GetInfo of every replica, in address order."""
+        deadline = time.monotonic() + min(self.timeout_s, 60.0)
+        calls = [
+            self._pool.submit(
+                self._with_retries,
+                i,
+                deadline,
+                lambda stub, t: stub.GetInfo(
+                    pb.GenerationInfoRequest(), timeout=t, metadata=self._metadata
+                ),
+            )
+            for i in range(len(self._stubs))
+        ]
+        return [call.result() for call in calls]
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        expected_version: int | None = None,
+        prompt_offset: int = 0,
+    ) -> list[Rollout]:
+        """`len(prompts) * sampling.n` rollouts, prompt-major.
+
+        `expected_version` defaults to the last version this client pushed (or read); when known,
+        a replica serving another version fails the call with StaleWeightsError.
+        `prompt_offset` is the index of `prompts[0]` in a larger logical batch split over calls
+        or ranks: prompt k is sampled as prompt `prompt_offset + k` of that batch, so with the
+        same seed the tokens do not depend on how the batch was split.
+        """
+        if not prompts:
+            return []
+        expected = self._version if expected_version is None else expected_version
+        base = mix_seed(sampling.seed) if sampling.seed is not None else secrets.randbits(63)
+        deadline = time.monotonic() + self.timeout_s
+        pieces = self._split(len(prompts))
+        calls = []
+        for number, (start, stop) in enumerate(pieces):
+            request = pb.GenerateRequest(
+                prompts=[pb.Prompt(id=str(i), token_ids=prompts[i]) for i in range(start, stop)],
+                sampling=_sampling_proto(sampling, (base + prompt_offset + start) & _MASK64),
+                required_weights_version=expected,
+            )
+            calls.append(
+                self._pool.submit(
+                    self._with_retries,
+                    number % len(self._stubs),
+                    deadline,
+                    lambda stub, t, r=request: stub.Generate(r, timeout=t, metadata=self._metadata),
+                )
+            )
+        rollouts = []
+        for (start, stop), call in zip(pieces, calls, strict=True):
+            try:
+                response = call.result()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise StaleWeightsError(exc.details()) from exc
+                raise
+            rollouts += _rollouts(response, start, stop, sampling.n, expected)
+        return rollouts
+
+    def _split(self, count: int) -> list[tuple[int, int]]:
+        """Contiguous [start, stop) pieces: at least one per replica, at most max per call."""
+        pieces = max(-(-count // self.max_prompts_per_call), min(len(self._stubs), count))
+        bounds = [count * k // pieces for k in range(pieces + 1)]
+        return list(itertools.pairwise(bounds))
+
+    def _with_retries(self, replica: int, deadline: float, call: Callable):
+        """Run `call(stub, timeout)`, retrying UNAVAILABLE on the next replicas with backoff."""
+        for attempt in range(self._attempts):
+            remaining = deadline - time.monotonic()
+            stub = self._stubs[(replica + attempt) % len(self._stubs)]
+            try:
+                return call(stub, max(remaining, 0.001))
+            except grpc.RpcError as exc:
+                retryable = exc.code() == grpc.StatusCode.UNAVAILABLE
+                backoff = min(0.2 * 2**attempt, 5.0)
+                last = attempt + 1 == self._attempts
+                if not retryable or last or time.monotonic() + backoff >= deadline:
+                    raise
+                address = self.addresses[(replica + attempt) % len(self.addresses)]
+                log.warning(
+                    "%s unavailable (%s); retrying in %.1fs", address, exc.details(), backoff
+                )
+                time.sleep(backoff)
+        raise AssertionError("unreachable")
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def push_weights(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+        version: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Send tensors to every replica in parallel; all must commit `version`.
+
+        Servers refuse a dtype other than the one they serve (bf16 on GPU by default, fp32 on
+        CPU): pass `dtype` to cast floating-point tensors on the way (it also halves the bytes
+        sent when casting fp32 to bf16). Memory: the tensors are copied to CPU (contiguous) once,
+        here, and every replica's stream reads from that copy one 4 MiB chunk at a time, so the
+        extra memory is one CPU copy of the weights plus a few chunks per replica.
+        """
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        tensors = []
+        for name, tensor in items:
+            tensor = tensor.detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors.append((name, tensor.to("cpu").contiguous()))
+        self._push(lambda: iter_update_requests(tensors, version), version)
+
+    def push_weights_from_dir(self, path: str, version: int) -> None:
+        """Ask every replica to load `path/*.safetensors` from its own (shared) file system."""
+        self._push(lambda: iter(directory_update_requests(path, version)), version)
+
+    def _push(self, stream: Callable[[], Iterator[pb.UpdateWeightsRequest]], version: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        calls = [
+            self._pool.submit(self._push_one, i, stream, version, deadline)
+            for i in range(len(self._stubs))
+        ]
+        failures = []
+        for address, call in zip(self.addresses, calls, strict=True):
+            try:
+                call.result()
+            except grpc.RpcError as exc:
+                failures.append(f"{address}: {exc.code().name}: {exc.details()}")
+            except WeightSyncError as exc:
+                failures.append(f"{address}: {exc}")
+        if failures:
+            raise WeightSyncError(
+                f"weights version {version} did not reach every replica:\n  "
+                + "\n  ".join(failures)
+            )
+        self._version = version
+
+    def _push_one(self, replica: int, stream: Callable, version: int, deadline: float) -> None:
+        stub = self._stubs[replica]
+        for attempt in range(self._attempts):
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                reply = stub.UpdateWeights(stream(), timeout=remaining, metadata=self._metadata)
+                if reply.weights_version != version:
+                    raise WeightSyncError(f"replica reports version {reply.weights_version}")
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self._attempts:
+                    raise
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+                # The commit may have landed before the connection dropped: do not push twice.
+                info = stub.GetInfo(pb.GenerationInfoRequest(), timeout=10, metadata=self._metadata)
+                if info.weights_version == version:
+                    return
+
+
+def _sampling_proto(sampling: SamplingConfig, seed: int) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        stop_token_ids=sampling.stop_token_ids,
+        seed=seed,
+    )
+
+
+def _rollouts(
+    response: pb.GenerateResponse, start: int, stop: int, n: int, expected: int | None
+) -> list[Rollout]:
+    ids = [result.prompt_id for result in response.results]
+    if ids != [str(i) for i in range(start, stop)]:
+        raise RuntimeError(f"server answered prompts {ids}, asked for {start}..{stop - 1}")
+    rollouts = []
+    for offset, result in enumerate(response.results):
+        if len(result.completions) != n:
+            raise RuntimeError(f"server returned {len(result.completions)} completions, not {n}")
+        for j, completion in enumerate(result.completions):
+            if expected is not None and completion.weights_version != expected:
+                raise StaleWeightsError(
+                    f"prompt {start + offset} was generated by weights version "
+                    f"{completion.weights_version}, expected {expected}"
+                )
+            rollouts.append(
+                Rollout(
+                    prompt_index=start + offset,
+                    sample_index=j,
+                    token_ids=list(completion.token_ids),
+                    logprobs=list(completion.logprobs),
+                    finish_reason=_FINISH.get(completion.finish_reason, "unspecified"),
+                    weights_version=completion.weights_version,
+                )
+            )
+    return rollouts

@@ -1,0 +1,226 @@
+"""`rpp.v1.GenerationService`: request validation, weight updates and GetInfo, for any backend.
+
+The servicer turns requests into `SampleRow`s (validating every case generation.proto lists),
+hands them to the `Scheduler` (one thread owning the backend), and receives UpdateWeights
+streams with the `WeightsAssembler`. It raises `StatusError`; the runner (`serving.GrpcServer`)
+turns that into the gRPC status.
+
+    servicer = GenerationServicer(TransformersBackend("/models/policy"), GenerationLimits())
+    GrpcServer(ServerConfig(port=50051), [servicer.service_spec()]).serve_until_signal()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import grpc
+
+from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow, row_seed
+from rpp_lightning.generation.scheduler import Scheduler, stale_version_error
+from rpp_lightning.generation.weights import (
+    WeightsAssembler,
+    load_safetensors_dir,
+    resolve_under_root,
+)
+from rpp_lightning.proto import generation_pb2 as pb
+from rpp_lightning.proto import generation_pb2_grpc
+from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument
+
+log = logging.getLogger("rpp.generation")
+
+SERVICE_NAME = "rpp.v1.GenerationService"
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class GenerationLimits:
+    """What one generation server accepts."""
+
+    max_new_tokens_limit: int = 1024
+    """Largest max_new_tokens a request may ask for."""
+    max_batch_size: int = 64
+    """Rows (prompts x n) generated together in one forward batch."""
+    max_samples_per_request: int = 4096
+    """Largest prompts x n of one request (bounds the memory one call can claim)."""
+    weights_root: str | None = None
+    """Directory under which safetensors_dir updates may load; None refuses them."""
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every problem."""
+        problems = [
+            f"{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("max_new_tokens_limit", "max_batch_size", "max_samples_per_request")
+            if getattr(self, name) < 1
+        ]
+        if problems:
+            raise ValueError("invalid generation limits:\n  " + "\n  ".join(problems))
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Generate / UpdateWeights / GetInfo over one backend."""
+
+    def __init__(self, backend: Backend, limits: GenerationLimits | None = None) -> None:
+        self.limits = limits or GenerationLimits()
+        self.limits.validate()
+        self.backend = backend
+        self.info = backend.info()
+        self.shapes = backend.state_dict_shapes()
+        self.scheduler = Scheduler(backend, self.limits.max_batch_size)
+        self._update_lock = threading.Lock()  # one update stream received at a time
+
+    def service_spec(self) -> ServiceSpec:
+        """How `GrpcServer` registers this servicer."""
+        return ServiceSpec(
+            self, generation_pb2_grpc.add_GenerationServiceServicer_to_server, SERVICE_NAME
+        )
+
+    def close(self) -> None:
+        """Stop the generation thread (after queued work)."""
+        self.scheduler.close()
+
+    # --- Generate -------------------------------------------------------------------------
+
+    def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        rows = self.rows_of(request)
+        required = (
+            request.required_weights_version
+            if request.HasField("required_weights_version")
+            else None
+        )
+        if required is not None and required != self.scheduler.version:
+            raise stale_version_error(required, self.scheduler.version)  # fail fast
+        future = self.scheduler.submit(rows, required, context.is_active)
+        remaining = context.time_remaining()  # a huge number when the client set no deadline
+        try:
+            results, version = future.result(
+                timeout=remaining if remaining is not None and remaining < 1e7 else None
+            )
+        except FutureTimeout:
+            future.cancel()
+            raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed") from None
+        return self._response(request, results, version)
+
+    def rows_of(self, request: pb.GenerateRequest) -> list[SampleRow]:
+        """The validated sample rows of a request, prompt-major (INVALID_ARGUMENT otherwise)."""
+        s, limits, info = request.sampling, self.limits, self.info
+        if not request.prompts:
+            raise invalid_argument("no prompts: send at least one")
+        if s.n < 1:
+            raise invalid_argument("sampling.n must be at least 1")
+        if len(request.prompts) * s.n > limits.max_samples_per_request:
+            raise invalid_argument(
+                f"{len(request.prompts)} prompts x n={s.n} exceeds this server's "
+                f"{limits.max_samples_per_request} samples per request"
+            )
+        if not 1 <= s.max_new_tokens <= limits.max_new_tokens_limit:
+            raise invalid_argument(
+                f"sampling.max_new_tokens must be in 1..{limits.max_new_tokens_limit}, "
+                f"got {s.max_new_tokens}"
+            )
+        if not math.isfinite(s.temperature) or s.temperature < 0:
+            raise invalid_argument(f"sampling.temperature must be >= 0, got {s.temperature}")
+        top_p = s.top_p or 1.0  # 0 (unset) disables nucleus sampling
+        if not 0 < top_p <= 1:  # also refuses NaN
+            raise invalid_argument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+        bad_stop = [t for t in s.stop_token_ids if t >= info.vocab_size]
+        if bad_stop:
+            raise invalid_argument(
+                f"stop_token_ids {bad_stop} are outside the vocabulary (size {info.vocab_size})"
+            )
+        seed = s.seed if s.HasField("seed") else secrets.randbits(63)
+        rows = []
+        for p, prompt in enumerate(request.prompts):
+            self._check_prompt(p, prompt, s.max_new_tokens)
+            for j in range(s.n):
+                rows.append(
+                    SampleRow(
+                        prompt=list(prompt.token_ids),
+                        max_new_tokens=s.max_new_tokens,
+                        seed=row_seed(seed, p, j),
+                        temperature=s.temperature,
+                        top_p=top_p,
+                        top_k=s.top_k,
+                        stop_token_ids=tuple(s.stop_token_ids),
+                    )
+                )
+        return rows
+
+    def _check_prompt(self, index: int, prompt: pb.Prompt, max_new_tokens: int) -> None:
+        info = self.info
+        if not prompt.token_ids:
+            raise invalid_argument(f"prompt {index} (id {prompt.id!r}) is empty")
+        too_big = max(prompt.token_ids)
+        if too_big >= info.vocab_size:
+            raise invalid_argument(
+                f"prompt {index} (id {prompt.id!r}): token id {too_big} is outside the "
+                f"vocabulary (size {info.vocab_size})"
+            )
+        if len(prompt.token_ids) + max_new_tokens > info.max_model_len:
+            raise invalid_argument(
+                f"prompt {index} (id {prompt.id!r}): {len(prompt.token_ids)} prompt tokens + "
+                f"max_new_tokens {max_new_tokens} exceed the model's context {info.max_model_len}"
+            )
+
+    def _response(
+        self, request: pb.GenerateRequest, results: list[SampleResult], version: int
+    ) -> pb.GenerateResponse:
+        n = request.sampling.n
+        response = pb.GenerateResponse(weights_version=version)
+        for p, prompt in enumerate(request.prompts):
+            entry = response.results.add(prompt_id=prompt.id)
+            for result in results[p * n : (p + 1) * n]:
+                entry.completions.add(
+                    token_ids=result.token_ids,
+                    logprobs=result.logprobs,
+                    finish_reason=_FINISH[result.finish_reason],
+                    weights_version=version,
+                )
+        return response
+
+    # --- UpdateWeights ----------------------------------------------------------------------
+
+    def UpdateWeights(self, request_iterator, context) -> pb.UpdateWeightsResponse:
+        with self._update_lock:
+            try:
+                update = WeightsAssembler(self.shapes, self.scheduler.version).assemble(
+                    request_iterator
+                )
+            except StatusError:
+                raise
+            except Exception as exc:
+                if context.is_active():
+                    raise
+                # The client broke off the stream: nothing was applied.
+                log.warning("UpdateWeights stream broken off (%s); weights unchanged", exc)
+                raise StatusError(
+                    grpc.StatusCode.CANCELLED, "stream broken off; the old weights stay"
+                ) from exc
+            if update.safetensors_dir:
+                directory = resolve_under_root(update.safetensors_dir, self.limits.weights_root)
+                update.tensors = load_safetensors_dir(directory, self.shapes)
+                update.num_bytes = sum(t.nbytes for t in update.tensors.values())
+            if not context.is_active():  # the client gave up while we validated: do not apply
+                raise StatusError(grpc.StatusCode.CANCELLED, "call ended; the old weights stay")
+            version = self.scheduler.swap(update.tensors, update.target_version).result()
+        return pb.UpdateWeightsResponse(
+            weights_version=version, num_tensors=len(update.tensors), num_bytes=update.num_bytes
+        )
+
+    # --- GetInfo ----------------------------------------------------------------------------
+
+    def GetInfo(self, request: pb.GenerationInfoRequest, context) -> pb.GenerationServerInfo:
+        info = self.info
+        return pb.GenerationServerInfo(
+            model=info.model,
+            backend=info.backend,
+            weights_version=self.scheduler.version,
+            vocab_size=info.vocab_size,
+            max_new_tokens_limit=self.limits.max_new_tokens_limit,
+            max_model_len=info.max_model_len,
+            eos_token_ids=list(info.eos_token_ids),
+        )

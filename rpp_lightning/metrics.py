@@ -1,0 +1,75 @@
+"""What the trainer logs every step (algorithm.md §7), computed from one rank's batch.
+
+Values are plain floats of this rank, or None where a metric is undefined here (no verifier
+verdicts, no sample routed to a source). Every rank returns the same keys, so the module can
+reduce them across ranks in one all-reduce: means over the ranks where they are defined (every
+rank holds the same number of samples), maxima for `.../max`.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from rpp_lightning.algorithms import masked_mean
+from rpp_lightning.experience import Experience
+from rpp_lightning.rewards import RewardBatch
+
+
+def rollout_metrics(
+    exp: Experience, rollouts, rewards: RewardBatch, max_new_tokens: int
+) -> dict[str, float | None]:
+    """Reward, accuracy, KL, response length and engine/trainer log-prob gap of a batch."""
+    mask = exp.action_mask.float()  # (N, R)
+    lengths = mask.sum(1)  # (N,)
+    log_ratio = exp.old_log_probs - exp.ref_log_probs  # (N, R): k1 per token
+    kl_per_sequence = (log_ratio * mask).sum(1)  # (N,)
+    metrics = {
+        "reward": statistics.fmean(rewards.total),
+        "reward/after_norm_clip": exp.rewards.mean().item(),
+        "kl": masked_mean(log_ratio, mask).item(),
+        "kl_x_length": kl_per_sequence.mean().item(),
+        "response_length": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "response_length/clip_ratio": (lengths >= max_new_tokens).float().mean().item(),
+    }
+    verdicts = [c for c in rewards.correct if c is not None]
+    metrics["accuracy"] = sum(verdicts) / len(verdicts) if verdicts else None
+    for name, values in rewards.per_source.items():
+        scored = [v for v in values if v is not None]
+        metrics[f"reward/{name}"] = statistics.fmean(scored) if scored else None
+    # Engine log-probs are logged, never trusted: their gap to π_old shows engine/trainer drift.
+    engine = torch.zeros_like(exp.old_log_probs)
+    for row, rollout in enumerate(rollouts):
+        values = torch.tensor(rollout.logprobs, dtype=engine.dtype)
+        engine[row, : len(values)] = values.to(engine.device)
+    metrics["logprob_gap"] = masked_mean((engine - exp.old_log_probs).abs(), mask).item()
+    return metrics
+
+
+def update_metrics(steps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Means over the optimizer steps of one iteration (loss, clip fraction, grad norm...)."""
+    keys = steps[0].keys() if steps else []
+    return {key: statistics.fmean(float(step[key]) for step in steps) for key in keys}
+
+
+def reduce_metrics(
+    metrics: dict[str, float | None], group: dist.ProcessGroup | None, device: torch.device
+) -> dict[str, float]:
+    """Global values of per-rank metrics: means over the ranks where a metric is defined,
+    maxima for keys ending in "/max". Metrics undefined on every rank are dropped."""
+    keys = sorted(metrics)  # the same keys on every rank (see rollout_metrics)
+    values = torch.tensor([metrics[k] if metrics[k] is not None else 0.0 for k in keys])
+    defined = torch.tensor([float(metrics[k] is not None) for k in keys])
+    if group is not None:
+        is_max = torch.tensor([k.endswith("/max") for k in keys], device=device)
+        sums = torch.stack([values * defined, defined]).to(device)  # (2, K)
+        maxima = torch.where(defined.bool(), values, float("-inf")).to(device)  # (K,)
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        means = sums[0] / sums[1].clamp(min=1)
+        values = torch.where(is_max, maxima, means).cpu()
+        defined = (sums[1] > 0).float().cpu()
+    return {k: v for k, v, ok in zip(keys, values.tolist(), defined.tolist(), strict=True) if ok}

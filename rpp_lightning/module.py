@@ -1,0 +1,454 @@
+"""REINFORCE++ as a LightningModule: one training step = one iteration of algorithm.md §6.
+
+    generate (generation servers) → score (reward servers) → log π_old, log π_ref (here, sharded)
+    → shape rewards, advantages (globally normalised) → epochs × mini-batches of PPO-clip updates
+    → push the new weights to every generation server as version v+1
+
+The math lives in `rpp_lightning.algorithms`, the model plumbing in `policy`, the wire clients in
+`generation.client` and `rewards`; this module only orchestrates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from rpp_lightning import algorithms as A
+from rpp_lightning.config import (
+    AlgorithmConfig,
+    GenerationEndpoint,
+    OptimConfig,
+    PolicyConfig,
+    RewardSource,
+    RolloutConfig,
+)
+from rpp_lightning.data import PromptRow
+from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.metrics import reduce_metrics, rollout_metrics, update_metrics
+from rpp_lightning.policy import (
+    export_hf,
+    full_state_dict,
+    load_causal_lm,
+    response_log_probs,
+    shard_model,
+)
+from rpp_lightning.servers import TrainerServers
+from rpp_lightning.update import micro_batch_loss
+
+log = logging.getLogger("rpp.train")
+
+
+class ReinforcePP(pl.LightningModule):
+    """Trains a causal LM with REINFORCE++ against remote generation and reward servers."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        generation: GenerationEndpoint,
+        rewards: list[RewardSource],
+        algorithm: AlgorithmConfig | None = None,
+        rollout: RolloutConfig | None = None,
+        optim: OptimConfig | None = None,
+        eval_max_new_tokens: int | None = None,
+        evaluate_before_after: bool = False,
+        export_dir: str | None = "auto",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            policy: the policy model (also the frozen reference unless reference_path is set).
+            generation: the generation servers (or `local: true` to start one here).
+            rewards: the reward sources, combined by weight.
+            algorithm: REINFORCE++ settings (estimator, KL, clipping, epochs, batch sizes).
+            rollout: what each iteration samples, and how many iterations to run.
+            optim: optimizer and learning-rate schedule.
+            eval_max_new_tokens: response length for held-out evaluation (default: rollout's).
+            evaluate_before_after: evaluate on the held-out prompts before the first and after
+                the last iteration, and print "held-out accuracy X% → Y%".
+            export_dir: where to write the trained policy in Hugging Face format
+                (`save_pretrained` + tokenizer) at the end; "auto": `<log dir>/hf_export`;
+                None: no export.
+            seed: seed of sampling and mini-batch shuffles.
+        """
+        super().__init__()
+        self.automatic_optimization = False  # several optimizer steps per rollout batch
+        self.algorithm = algorithm or AlgorithmConfig()
+        self.rollout = rollout or RolloutConfig()
+        self.optim = optim or OptimConfig()
+        policy.validate()
+        self.algorithm.validate()
+        self.rollout.validate()
+        self.estimator = A.get_estimator(self.algorithm.advantage_estimator)
+        if self.rollout.n_samples < self.estimator.min_samples_per_prompt:
+            raise ValueError(
+                f"advantage_estimator {self.estimator.name!r} needs n_samples >= "
+                f"{self.estimator.min_samples_per_prompt}, got {self.rollout.n_samples}"
+            )
+        self.policy_config, self.seed = policy, seed
+        self.eval_max_new_tokens = eval_max_new_tokens or self.rollout.max_new_tokens
+        self.evaluate_before_after, self.export_dir = evaluate_before_after, export_dir
+        self.accuracy_before: float | None = None
+        self.accuracy_after: float | None = None
+        self.save_hyperparameters()
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.servers = TrainerServers(policy, generation, rewards)
+        self.weights_version = 0  # version of the weights the generation servers serve
+        self.iteration = 0
+        self.running_reward = A.RunningMeanStd()
+        self._synced = False
+        self._val_sums: torch.Tensor | None = None
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        self.servers.start(self.trainer.strategy)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:  # configure_model may run once per stage
+            return
+        self.policy = load_causal_lm(self.policy_config)
+        self.reference = load_causal_lm(self.policy_config, reference=True)
+        mesh = self.device_mesh
+        if mesh is not None:
+            dp_mesh = mesh["data_parallel"]
+            mixed = dp_mesh.device_type == "cuda"
+            shard_model(self.policy, dp_mesh, mixed_precision=mixed)
+            shard_model(self.reference, dp_mesh, mixed_precision=mixed)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=self.optim.lr,
+            betas=self.optim.betas,
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+        )
+        total = self.rollout.max_iterations
+        warmup = round(total * self.optim.warmup_ratio)
+        floor = self.optim.min_lr_ratio
+
+        def lr_factor(iteration: int) -> float:  # stepped once per iteration
+            if iteration < warmup:
+                return (iteration + 1) / (warmup + 1)
+            progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _dp_group(self):
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+    def _sync_weights(self) -> None:
+        """Push the trainer's weights to every generation server as the next version.
+
+        Every rank takes part in gathering the full state dict; rank 0 streams it. The outcome
+        is broadcast so that a failed push stops every rank instead of leaving them waiting.
+        """
+        state = full_state_dict(self.policy)
+        version = max(self.weights_version, self.servers.served_version()) + 1
+        error = None
+        if self.global_rank == 0:
+            try:
+                self.servers.generation.push_weights(state, version)
+            except Exception as exc:  # re-raised on every rank below
+                error = f"{type(exc).__name__}: {exc}"
+        error = self.trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise RuntimeError(f"weight push of version {version} failed: {error}")
+        self.weights_version = version
+
+    def _ensure_synced(self) -> None:
+        # Runs after any checkpoint restore and before the first rollout or evaluation, so the
+        # servers never sample from weights other than the trainer's.
+        if not self._synced:
+            self._sync_weights()
+            self._synced = True
+
+    def on_validation_start(self) -> None:
+        self._ensure_synced()
+
+    def on_train_start(self) -> None:
+        self._ensure_synced()
+        if self.evaluate_before_after and self.accuracy_before is None:
+            self.accuracy_before = self.evaluate()
+
+    # ---- one iteration ----------------------------------------------------------------------
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], phase: str):
+        start = time.perf_counter()
+        yield
+        timings[phase] = time.perf_counter() - start
+
+    def _rollout(self, rows: list[PromptRow], timings: dict[str, float]) -> tuple:
+        from rpp_lightning.generation.client import SamplingConfig
+
+        r = self.rollout
+        sampling = SamplingConfig(
+            n=r.n_samples,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=list(r.stop_token_ids),
+            seed=self.seed * 1_000_003 + self.iteration,
+        )
+        with self._timed(timings, "generate"):
+            rollouts = self.servers.generation.generate(
+                [row.prompt_ids for row in rows],
+                sampling,
+                expected_version=self.weights_version,
+                # this rank's prompts start at global index rank × B of the step's batch (see
+                # ResumableSampler): rollouts then do not depend on the number of ranks
+                prompt_offset=self.global_rank * len(rows),
+            )
+        with self._timed(timings, "score"):
+            rewards = self.servers.score(rows, rollouts, r.n_samples)
+        return rollouts, rewards
+
+    @torch.no_grad()
+    def _forward_log_probs(self, model: torch.nn.Module, exp: Experience) -> torch.Tensor:
+        size = self.algorithm.micro_batch_size
+        out = torch.zeros(exp.action_mask.shape, device=self.device)  # (N, R)
+        for start in range(0, len(exp), size):
+            rows = torch.arange(start, min(start + size, len(exp)))
+            micro = exp.select(rows)
+            log_probs, _ = response_log_probs(
+                model, micro.sequences, micro.attention_mask, micro.num_actions
+            )
+            out[rows, : micro.num_actions] = log_probs.float()
+        return out
+
+    def _make_experience(self, rows, rollouts, reward_batch, timings) -> Experience:
+        n = self.rollout.n_samples
+        sequences, attention_mask, action_mask = pack_rollouts(
+            [row.prompt_ids for row in rows],
+            [r.token_ids for r in rollouts],
+            n,
+            self.servers.tokenizer.pad_token_id,
+        )
+        cfg = self.algorithm
+        rewards = torch.tensor(reward_batch.total, dtype=torch.float32)
+        rewards = A.normalize_rewards(
+            rewards, cfg.reward_normalization, self.running_reward, group=self._dp_group()
+        )
+        rewards = A.clip_rewards(rewards, cfg.reward_clip)
+        exp = Experience(sequences, attention_mask, action_mask, rewards).to(self.device)
+        with self._timed(timings, "logprobs"):
+            exp.old_log_probs = self._forward_log_probs(self.policy, exp)
+            exp.ref_log_probs = self._forward_log_probs(self.reference, exp)
+        self._advantages(exp)
+        return exp
+
+    def _advantages(self, exp: Experience) -> None:
+        """Fill exp.advantages and exp.returns with the configured estimator (algorithm.md §4)."""
+        cfg = self.algorithm
+        kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
+        out = A.compute_advantages(
+            self.estimator.name,
+            exp.rewards,
+            kl,
+            exp.action_mask,
+            n_samples_per_prompt=self.rollout.n_samples,
+            kl_coef=cfg.kl_coef,
+            gamma=cfg.gamma,
+            group=self._dp_group(),
+        )
+        exp.advantages, exp.returns = out.advantages, out.returns
+        self._advantage_stats = out.stats
+
+    def _check_same_work_on_every_rank(self, exp: Experience) -> None:
+        # FSDP all-gathers in every forward: ranks that ran different numbers of micro-batches
+        # would wait on each other forever. Equal rows per rank guarantee equal counts.
+        group = self._dp_group()
+        if group is None:
+            return
+        rows = torch.tensor([len(exp), -len(exp)], device=self.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+        if int(rows[0]) != -int(rows[1]):
+            raise RuntimeError(f"ranks hold different rollout batch sizes ({len(exp)} here)")
+
+    def _update(self, exp: Experience) -> list[dict[str, torch.Tensor]]:
+        cfg = self.algorithm
+        opt = self.optimizers()
+        group = self._dp_group()
+        world = dist.get_world_size(group) if group is not None else 1
+        generator = torch.Generator().manual_seed(
+            self.seed + self.iteration * world + self.global_rank
+        )
+        if len(exp) % cfg.mini_batch_size:
+            raise ValueError(
+                f"rollout batch of {len(exp)} samples is not a multiple of mini_batch_size "
+                f"{cfg.mini_batch_size}: set data.batch_size × n_samples accordingly"
+            )
+        self._check_same_work_on_every_rank(exp)
+        steps = []
+        for _ in range(cfg.epochs):
+            for mini in exp.mini_batches(cfg.mini_batch_size, generator):
+                # Token-level aggregation across ranks (algorithm.md §5): divide by the action
+                # tokens of the whole mini-batch on all ranks; FSDP averages gradients over
+                # ranks, so scale by the world size to keep a plain global token mean.
+                tokens = mini.action_mask.sum().float()
+                if group is not None:
+                    dist.all_reduce(tokens, group=group)
+                sums: dict[str, torch.Tensor] = {}
+                for micro in mini.micro_batches(cfg.micro_batch_size):
+                    loss, stats = micro_batch_loss(
+                        self.policy, micro, tokens, self.algorithm, self.estimator
+                    )
+                    self.manual_backward(loss * world)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0) + value.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), cfg.max_grad_norm
+                )
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sums["grad_norm"] = grad_norm.detach()
+                steps.append(sums)
+        return steps
+
+    def training_step(self, batch: list[PromptRow], batch_idx: int) -> None:
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        rollouts, reward_batch = self._rollout(batch, timings)
+        exp = self._make_experience(batch, rollouts, reward_batch, timings)
+        with self._timed(timings, "update"):
+            steps = self._update(exp)
+        self.lr_schedulers().step()
+        with self._timed(timings, "weight_sync"):
+            self._sync_weights()
+        timings["step"] = time.perf_counter() - step_start
+        metrics = rollout_metrics(exp, rollouts, reward_batch, self.rollout.max_new_tokens)
+        metrics.update(update_metrics(steps))
+        metrics.update({f"adv/{k}": v for k, v in self._advantage_stats.items()})
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)
+        metrics["weights_version"] = float(self.weights_version)
+        metrics["lr"] = self.lr_schedulers().get_last_lr()[0]
+        self._log_metrics(metrics)
+        self.iteration += 1
+        if self.iteration >= self.rollout.max_iterations:
+            self.trainer.should_stop = True
+
+    def _log_metrics(self, metrics: dict[str, float | None]) -> None:
+        reduced = reduce_metrics(metrics, self._dp_group(), self.device)
+        progress = {"reward", "accuracy", "kl", "response_length"}
+        for key, value in reduced.items():
+            self.log(key, value, prog_bar=key in progress, batch_size=1, rank_zero_only=True)
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def _evaluate_batch(self, batch: list[PromptRow]) -> torch.Tensor:
+        """Greedy responses to `batch`, scored: tensor [reward sum, correct count, samples]."""
+        from rpp_lightning.generation.client import SamplingConfig
+
+        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.eval_max_new_tokens)
+        rollouts = self.servers.generation.generate(
+            [row.prompt_ids for row in batch], greedy, expected_version=self.weights_version
+        )
+        rewards = self.servers.score(batch, rollouts, 1)
+        correct = sum(1.0 for c in rewards.correct if c)
+        return torch.tensor([sum(rewards.total), correct, len(batch)], device=self.device)
+
+    def _reduce_evaluation(self, sums: torch.Tensor, prefix: str) -> float:
+        """All-reduce evaluation sums over ranks, log reward and accuracy, return accuracy."""
+        if self._dp_group() is not None:
+            dist.all_reduce(sums, group=self._dp_group())
+        count = max(float(sums[2]), 1.0)
+        accuracy = float(sums[1]) / count
+        self.log(f"{prefix}/reward", float(sums[0]) / count, batch_size=1, rank_zero_only=True)
+        self.log(
+            f"{prefix}/accuracy",
+            accuracy,
+            prog_bar=prefix == "val",
+            batch_size=1,
+            rank_zero_only=True,
+        )
+        return accuracy
+
+    def evaluate(self) -> float:
+        """Held-out accuracy of the current policy (outside Lightning's validation loop)."""
+        self._ensure_synced()
+        sums = torch.zeros(3, device=self.device)
+        for batch in self.trainer.datamodule.val_dataloader():
+            sums += self._evaluate_batch(batch)
+        if self._dp_group() is not None:
+            dist.all_reduce(sums, group=self._dp_group())
+        return float(sums[1]) / max(float(sums[2]), 1.0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, device=self.device)  # reward sum, correct, samples
+
+    def validation_step(self, batch: list[PromptRow], batch_idx: int) -> None:
+        self._val_sums += self._evaluate_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_accuracy = self._reduce_evaluation(self._val_sums, "val")
+
+    def on_train_end(self) -> None:
+        if self.evaluate_before_after:
+            self.accuracy_after = self.evaluate()
+            if self.global_rank == 0:
+                print(
+                    f"held-out accuracy {100 * self.accuracy_before:.1f}% → "
+                    f"{100 * self.accuracy_after:.1f}%",
+                    flush=True,
+                )
+        if self.export_dir is not None:
+            self.export(self._export_path())
+
+    def _export_path(self) -> str:
+        if self.export_dir != "auto":
+            return self.export_dir
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return str(Path(root) / "hf_export")
+
+    def export(self, path: str) -> None:
+        """Write the policy in Hugging Face format (every rank must call this under FSDP)."""
+        state = full_state_dict(self.policy)
+        if self.global_rank == 0:
+            export_hf(self.policy, state, self.servers.tokenizer, path)
+            log.info("exported the policy to %s", path)
+        self.trainer.strategy.barrier("rpp-export")
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rpp"] = {
+            "weights_version": self.weights_version,
+            "iteration": self.iteration,
+            "accuracy_before": self.accuracy_before,
+            "running_reward": self.running_reward.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rpp")
+        if state is None:
+            return
+        self.weights_version = state["weights_version"]
+        self.iteration = state["iteration"]
+        self.accuracy_before = state.get("accuracy_before")
+        self.running_reward.load_state_dict(state["running_reward"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self._synced = False
+
+    def teardown(self, stage: str) -> None:
+        self.servers.stop()

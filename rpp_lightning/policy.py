@@ -1,0 +1,128 @@
+"""The policy and reference models: loading, the FSDP2 sharding plan, and token log-probs.
+
+model = load_causal_lm(PolicyConfig(path="/models/qwen2.5-7b-instruct"))
+shard_model(model, mesh, mixed_precision=True)   # FSDP2: each decoder layer, then the root
+logp = response_log_probs(model, sequences, attention_mask, num_actions)  # (N, R)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits
+from rpp_lightning.config import PolicyConfig
+
+
+def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:
+    """The policy (or, with `reference=True`, the frozen reference model) on CPU in fp32.
+
+    From a local directory with `from_pretrained`, or from a transformers config dict with random
+    weights seeded by `config.seed` (the reference then starts equal to the policy).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config.validate()
+    path = config.reference_path if reference and config.reference_path else config.path
+    if path is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        settings = dict(config.config or {})
+        hf_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    if reference:
+        model.requires_grad_(False)
+        model.eval()
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # training forwards never reuse a KV cache
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the unit FSDP2 shards and gathers one at a time."""
+    for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        module = model
+        for name in attr.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return list(module)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn.Module:
+    """Apply FSDP2 (`fully_shard`) to each decoder layer, then to the root (LitGPT's plan).
+
+    Sharding layer by layer lets FSDP all-gather one block's parameters at a time. With
+    `mixed_precision`, parameters compute in bf16 while gradients reduce in fp32.
+    Idempotent: `configure_model` may run more than once.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    mp_policy = MixedPrecisionPolicy()
+    if mixed_precision:
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    return model
+
+
+def response_log_probs(
+    model: nn.Module,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    num_actions: int,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and optionally entropy) of the last `num_actions` tokens of each sequence.
+
+    sequences (N, L) are left-padded prompts followed by right-padded responses; the response
+    occupies the last `num_actions` columns. Position ids skip the left padding so the model sees
+    the same positions as the generation server did.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, L)
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids
+    ).logits  # (N, L, V)
+    # the token at position t is predicted by the logits at t-1
+    logits = logits[:, -num_actions - 1 : -1]  # (N, R, V); log-softmax runs in fp32 inside
+    labels = sequences[:, -num_actions:]  # (N, R)
+    log_probs = log_probs_from_logits(logits, labels)  # (N, R)
+    entropy = entropy_from_logits(logits) if with_entropy else None  # (N, R)
+    return log_probs, entropy
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Unsharded CPU copies of every parameter and buffer, for the weight push.
+
+    Under FSDP2 every rank must call this (it all-gathers); only rank 0 gets the tensors, the
+    others get an empty dict.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+
+
+def export_hf(model: nn.Module, state: dict[str, Tensor], tokenizer, path: str) -> None:
+    """Save `state` (a full state dict) with the model's config, plus the tokenizer, so that
+    `from_pretrained(path)` (and a generation server) loads the trained policy."""
+    model.config.use_cache = True  # inference default for whoever loads the export
+    model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    model.config.use_cache = False
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,167 @@
+"""The trainer's side of the reward contract: route samples to reward sources, combine by weight.
+
+Each source is a reward server (or replicas of one, load-balanced by gRPC's round_robin policy
+through `open_channel`). A sample goes to every source whose route matches its dataset row; its
+reward is the weighted sum over those sources, and each source's reward is kept for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from rpp_lightning.channels import ChannelConfig, open_channel
+from rpp_lightning.config import RewardSource
+from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+
+_SERVICE = "rpp.v1.RewardService"
+_CHUNK = 128  # samples per Score call: chunks run in parallel across replicas
+
+
+@dataclass
+class RewardQuery:
+    """One (prompt, response) to score, with its dataset row's reference and extra columns."""
+
+    prompt: str
+    response: str
+    reference: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RewardBatch:
+    """Scores of a batch: the combined reward and each source's part."""
+
+    total: list[float]
+    """Weighted sum over the sources each sample was routed to."""
+    per_source: dict[str, list[float | None]]
+    """Each source's raw reward (None where the sample was not routed to it)."""
+    correct: list[bool | None]
+    """Verifier verdicts (info["correct"]) where a source gave one."""
+    infos: list[dict[str, str]]
+    """Merged `info` maps, keys prefixed with the source name."""
+
+
+class RewardError(RuntimeError):
+    """A reward source failed; the message names the source and the gRPC status."""
+
+
+def source_channel_config(source: RewardSource) -> ChannelConfig:
+    return ChannelConfig(
+        addresses=list(source.addresses),
+        timeout_s=source.timeout_s,
+        retries=source.retries,
+        tls_ca=source.tls_ca,
+        tls_cert=source.tls_cert,
+        tls_key=source.tls_key,
+        token_env=source.token_env,
+    )
+
+
+class RewardClient:
+    """Scores samples on every configured reward source."""
+
+    def __init__(self, sources: Sequence[RewardSource]) -> None:
+        if not sources:
+            raise ValueError("at least one reward source is required")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward source names must be unique, got {names}")
+        for source in sources:
+            if not source.addresses:
+                raise ValueError(f"reward source {source.name!r} has no addresses")
+        self.sources = list(sources)
+        self._configs = [source_channel_config(s) for s in self.sources]
+        self._channels = [open_channel(c, [_SERVICE]) for c in self._configs]
+        self._stubs = [reward_pb2_grpc.RewardServiceStub(ch) for ch in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reward")
+
+    def info(self) -> list[reward_pb2.RewardServerInfo]:
+        return [
+            stub.GetInfo(reward_pb2.GetInfoRequest(), timeout=c.timeout_s, metadata=c.metadata())
+            for stub, c in zip(self._stubs, self._configs, strict=True)
+        ]
+
+    def _routed(self, source: RewardSource, queries: Sequence[RewardQuery]) -> list[int]:
+        if source.route_column is None:
+            return list(range(len(queries)))
+        wanted = set(source.route_values)
+        return [i for i, q in enumerate(queries) if q.metadata.get(source.route_column) in wanted]
+
+    def _score_chunk(self, index: int, queries: Sequence[RewardQuery], rows: list[int]):
+        source, config, stub = self.sources[index], self._configs[index], self._stubs[index]
+        request = reward_pb2.ScoreRequest(
+            samples=[
+                reward_pb2.Sample(
+                    id=str(row),
+                    prompt=queries[row].prompt,
+                    response=queries[row].response,
+                    reference=queries[row].reference,
+                    metadata=queries[row].metadata,
+                )
+                for row in rows
+            ]
+        )
+        try:
+            reply = stub.Score(request, timeout=config.timeout_s, metadata=config.metadata())
+        except grpc.RpcError as exc:
+            raise RewardError(
+                f"reward source {source.name!r} ({', '.join(source.addresses)}) failed: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from exc
+        if [s.id for s in reply.scores] != [str(r) for r in rows]:
+            raise RewardError(f"reward source {source.name!r} answered for the wrong sample ids")
+        for score in reply.scores:
+            if not math.isfinite(score.reward):
+                raise RewardError(f"reward source {source.name!r} sent a non-finite reward")
+        return rows, reply.scores
+
+    def score(self, queries: Sequence[RewardQuery]) -> RewardBatch:
+        """Score every query on its sources (in parallel); raise RewardError on any failure."""
+        n = len(queries)
+        per_source: dict[str, list[float | None]] = {s.name: [None] * n for s in self.sources}
+        correct: list[bool | None] = [None] * n
+        infos: list[dict[str, str]] = [{} for _ in range(n)]
+        routed_anywhere = [False] * n
+        futures = []
+        for index, source in enumerate(self.sources):
+            rows = self._routed(source, queries)
+            for row in rows:
+                routed_anywhere[row] = True
+            for start in range(0, len(rows), _CHUNK):
+                chunk = rows[start : start + _CHUNK]
+                futures.append(
+                    (source, self._pool.submit(self._score_chunk, index, queries, chunk))
+                )
+        missing = [i for i, routed in enumerate(routed_anywhere) if not routed]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} samples match no reward source (first: row {missing[0]}, "
+                f"metadata {queries[missing[0]].metadata}); check route_column/route_values"
+            )
+        for source, future in futures:
+            rows, scores = future.result()
+            for row, score in zip(rows, scores, strict=True):
+                per_source[source.name][row] = score.reward
+                for key, value in score.info.items():
+                    infos[row][f"{source.name}.{key}"] = value
+                if "correct" in score.info:
+                    correct[row] = score.info["correct"].lower() == "true"
+        total = [
+            sum(
+                s.weight * per_source[s.name][row]
+                for s in self.sources
+                if per_source[s.name][row] is not None
+            )
+            for row in range(n)
+        ]
+        return RewardBatch(total=total, per_source=per_source, correct=correct, infos=infos)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels:
+            channel.close()

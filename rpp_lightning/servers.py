@@ -1,0 +1,163 @@
+"""The trainer's connections: generation and reward clients, and the servers it starts itself.
+
+With `local: true` in the config, global rank 0 starts the servers as child processes on free
+loopback ports (single-node runs) and broadcasts their addresses, so every rank talks to them.
+Otherwise the addresses in the config point at separately deployed servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import replace
+
+from rpp_lightning.channels import ChannelConfig
+from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
+from rpp_lightning.local_servers import ChildServer, generation_server_argv, reward_server_argv
+from rpp_lightning.rewards import RewardBatch, RewardClient, RewardQuery
+
+log = logging.getLogger("rpp.servers")
+
+EMPTY_RESPONSE_REWARD = 0.0
+"""Reward of a response with no text (e.g. only EOS): reward servers refuse empty responses."""
+
+
+def _channel_config(endpoint: GenerationEndpoint) -> ChannelConfig:
+    return ChannelConfig(
+        addresses=list(endpoint.addresses),
+        timeout_s=endpoint.timeout_s,
+        retries=endpoint.retries,
+        tls_ca=endpoint.tls_ca,
+        tls_cert=endpoint.tls_cert,
+        tls_key=endpoint.tls_key,
+        token_env=endpoint.token_env,
+    )
+
+
+class TrainerServers:
+    """Owns the tokenizer, the clients, and any child servers of one training run."""
+
+    def __init__(
+        self, policy: PolicyConfig, generation: GenerationEndpoint, rewards: list[RewardSource]
+    ) -> None:
+        if not rewards:
+            raise ValueError("at least one reward source is required")
+        self.policy_config = policy
+        self.generation_endpoint = generation
+        self.reward_sources = list(rewards)
+        self.children: list[ChildServer] = []
+        self.tokenizer = None
+        self.generation = None
+        self.rewards: RewardClient | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def _generation_model_dir(self) -> str:
+        # A local server needs a model directory to start from; a policy built from a config
+        # is saved once here (the trainer pushes its own weights before the first rollout).
+        if self.policy_config.path is not None:
+            return self.policy_config.path
+        from rpp_lightning.policy import load_causal_lm
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="rpp-init-policy-")
+        load_causal_lm(self.policy_config).save_pretrained(self._tmp.name)
+        self.tokenizer.save_pretrained(self._tmp.name)
+        return self._tmp.name
+
+    def _start_children(self) -> dict[str, list[str]]:
+        addresses: dict[str, list[str]] = {}
+        if self.generation_endpoint.local:
+            argv = generation_server_argv(
+                self._generation_model_dir(), self.generation_endpoint.local_args
+            )
+            self.children.append(ChildServer(argv, name="generation-server"))
+            addresses["generation"] = [self.children[-1].address]
+        for source in self.reward_sources:
+            if source.local:
+                argv = reward_server_argv(source.local, source.local_args)
+                self.children.append(ChildServer(argv, name=f"reward-server:{source.name}"))
+                addresses[source.name] = [self.children[-1].address]
+        return addresses
+
+    def start(self, strategy) -> None:
+        """Start local servers on rank 0, share their addresses, connect every rank's clients."""
+        from transformers import AutoTokenizer
+
+        from rpp_lightning.generation.client import GenerationClient
+
+        if self.generation is not None:
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.policy_config.tokenizer or self.policy_config.path
+        )
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        wants_local = self.generation_endpoint.local or any(s.local for s in self.reward_sources)
+        addresses: dict[str, list[str]] = {}
+        if wants_local:
+            error = None
+            if strategy.global_rank == 0:
+                try:
+                    addresses = self._start_children()
+                except Exception as exc:
+                    error = str(exc)
+            addresses, error = strategy.broadcast((addresses, error), src=0)
+            if error:
+                self.stop()
+                raise RuntimeError(f"could not start local servers: {error}")
+        if "generation" in addresses:
+            self.generation_endpoint = replace(
+                self.generation_endpoint, addresses=addresses["generation"]
+            )
+        self.reward_sources = [
+            replace(s, addresses=addresses[s.name]) if s.name in addresses else s
+            for s in self.reward_sources
+        ]
+        if not self.generation_endpoint.addresses:
+            raise ValueError("generation.addresses is empty and generation.local is false")
+        config = _channel_config(self.generation_endpoint)
+        self.generation = GenerationClient(
+            config.addresses, channel=config, timeout_s=self.generation_endpoint.timeout_s
+        )
+        self.generation.wait_until_ready(timeout_s=300)
+        self.rewards = RewardClient(self.reward_sources)
+
+    def served_version(self) -> int:
+        """Highest weights version any generation replica serves now."""
+        return max(info.weights_version for info in self.generation.server_info())
+
+    def score(self, rows, rollouts, n_samples: int) -> RewardBatch:
+        """Rewards of prompt-major rollouts (`rollouts[k*n + j]` answers `rows[k]`)."""
+        texts = self.tokenizer.batch_decode(
+            [r.token_ids for r in rollouts], skip_special_tokens=True
+        )
+        queries, scored = [], []
+        for index, text in enumerate(texts):
+            if text.strip():
+                row = rows[index // n_samples]
+                queries.append(RewardQuery(row.prompt, text, row.reference, row.metadata))
+                scored.append(index)
+        batch = self.rewards.score(queries) if queries else None
+        total = [EMPTY_RESPONSE_REWARD] * len(texts)
+        per_source = {s.name: [None] * len(texts) for s in self.reward_sources}
+        correct: list[bool | None] = [False if not t.strip() else None for t in texts]
+        infos: list[dict[str, str]] = [{} for _ in texts]
+        if batch is not None:
+            for position, index in enumerate(scored):
+                total[index] = batch.total[position]
+                correct[index] = batch.correct[position]
+                infos[index] = batch.infos[position]
+                for name, values in batch.per_source.items():
+                    per_source[name][index] = values[position]
+        return RewardBatch(total=total, per_source=per_source, correct=correct, infos=infos)
+
+    def stop(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.generation is not None:
+            self.generation.close()
+        for child in self.children:
+            child.stop()
+        self.children.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,1 @@
+"""Bundled tasks: small datasets the project generates itself (no download)."""

@@ -1,0 +1,61 @@
+"""WorkerPool: the process pool under the math verifier, with a hard per-task timeout."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from reward_test_verifiers import pool_task
+
+from reward_servers.worker_pool import (
+    TIMED_OUT,
+    DeadlinePassed,
+    TaskFailed,
+    WorkerCrashed,
+    WorkerPool,
+)
+
+
+@pytest.fixture
+def pool():
+    pool = WorkerPool(pool_task, workers=2, hard_timeout_s=1.0, preload=["reward_test_verifiers"])
+    yield pool
+    pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_results_in_order_in_parallel(pool):
+    start = time.monotonic()
+    assert pool.map(["sleep:0.4", "sleep:0.4", "a"]) == ["SLEEP:0.4", "SLEEP:0.4", "A"]
+    assert time.monotonic() - start < 0.75  # the two sleeps ran at the same time
+
+
+@pytest.mark.timeout(60)
+def test_overrunning_task_is_killed_and_the_worker_replaced(pool):
+    pids = {slot.process.pid for slot in pool.slots}
+    start = time.monotonic()
+    assert pool.map(["sleep:30", "b", "c"]) == [TIMED_OUT, "B", "C"]
+    assert time.monotonic() - start < 5
+    assert {slot.process.pid for slot in pool.slots} != pids
+    assert pool.map(["d", "e"]) == ["D", "E"]
+
+
+@pytest.mark.timeout(60)
+def test_crash_and_task_errors_are_reported_and_the_pool_recovers(pool):
+    with pytest.raises(WorkerCrashed):
+        pool.map(["exit"])
+    with pytest.raises(TaskFailed, match="ValueError: asked to raise"):
+        pool.map(["raise"])
+    assert pool.map(["f", "g", "h"]) == ["F", "G", "H"]
+
+
+@pytest.mark.timeout(60)
+def test_deadline_drops_queued_tasks(pool):
+    start = time.monotonic()
+    with pytest.raises(DeadlinePassed, match="unfinished"):
+        pool.map(["sleep:0.5"] * 6, deadline_s=0.3)
+    assert time.monotonic() - start < 0.6
+    time.sleep(0.4)  # the two running tasks finish; the four queued ones must not run
+    start = time.monotonic()
+    assert pool.map(["i", "j"], deadline_s=5) == ["I", "J"]
+    assert time.monotonic() - start < 0.3
