@@ -222,7 +222,11 @@ class MathVerifier(Verifier):
             reward = self.correct_reward if verdict.correct else self.wrong_reward
             if verdict.method == "boxed" and verdict.error != "timeout":
                 reward += self.format_reward
-            info = {"extracted_answer": verdict.answer, "method": verdict.method}
+            info = {
+                "correct": "true" if verdict.correct else "false",  # the trainer logs accuracy
+                "extracted_answer": verdict.answer,
+                "method": verdict.method,
+            }
             if verdict.error:
                 info["error"] = verdict.error
             results.append(ScoreResult(reward, info))

@@ -190,3 +190,6 @@ class GenerationEndpoint(ServerEndpoint):
     """Start one transformers generation server as a child process on a free loopback port."""
     local_args: list[str] = field(default_factory=list)
     """Extra CLI arguments for the local generation server."""
+    push_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of pushed weights; servers refuse any other than the one they serve. "auto" is
+    what `rpp-generation-server --dtype auto` serves: bfloat16 on CUDA, float32 on CPU."""

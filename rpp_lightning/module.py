@@ -159,7 +159,8 @@ class ReinforcePP(pl.LightningModule):
         error = None
         if self.global_rank == 0:
             try:
-                self.servers.generation.push_weights(state, version)
+                dtype = self.servers.push_dtype(self.device.type)
+                self.servers.generation.push_weights(state, version, dtype=dtype)
             except Exception as exc:  # re-raised on every rank below
                 error = f"{type(exc).__name__}: {exc}"
         error = self.trainer.strategy.broadcast(error, src=0)
@@ -352,7 +353,7 @@ class ReinforcePP(pl.LightningModule):
     # ---- evaluation -------------------------------------------------------------------------
 
     def _evaluate_batch(self, batch: list[PromptRow]) -> torch.Tensor:
-        """Greedy responses to `batch`, scored: tensor [reward sum, correct count, samples]."""
+        """Greedy responses to `batch`, scored: [reward sum, correct, verified, samples]."""
         from rpp_lightning.generation.client import SamplingConfig
 
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.eval_max_new_tokens)
@@ -360,50 +361,53 @@ class ReinforcePP(pl.LightningModule):
             [row.prompt_ids for row in batch], greedy, expected_version=self.weights_version
         )
         rewards = self.servers.score(batch, rollouts, 1)
-        correct = sum(1.0 for c in rewards.correct if c)
-        return torch.tensor([sum(rewards.total), correct, len(batch)], device=self.device)
+        verdicts = [c for c in rewards.correct if c is not None]
+        sums = [sum(rewards.total), sum(verdicts), len(verdicts), len(batch)]
+        return torch.tensor(sums, dtype=torch.float64, device=self.device)
 
-    def _reduce_evaluation(self, sums: torch.Tensor, prefix: str) -> float:
-        """All-reduce evaluation sums over ranks, log reward and accuracy, return accuracy."""
-        if self._dp_group() is not None:
-            dist.all_reduce(sums, group=self._dp_group())
-        count = max(float(sums[2]), 1.0)
-        accuracy = float(sums[1]) / count
-        self.log(f"{prefix}/reward", float(sums[0]) / count, batch_size=1, rank_zero_only=True)
-        self.log(
-            f"{prefix}/accuracy",
-            accuracy,
-            prog_bar=prefix == "val",
-            batch_size=1,
-            rank_zero_only=True,
-        )
-        return accuracy
-
-    def evaluate(self) -> float:
-        """Held-out accuracy of the current policy (outside Lightning's validation loop)."""
-        self._ensure_synced()
-        sums = torch.zeros(3, device=self.device)
+    def _evaluate_all(self) -> torch.Tensor:
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for batch in self.trainer.datamodule.val_dataloader():
             sums += self._evaluate_batch(batch)
         if self._dp_group() is not None:
             dist.all_reduce(sums, group=self._dp_group())
-        return float(sums[1]) / max(float(sums[2]), 1.0)
+        return sums
+
+    def _log_evaluation(self, sums: torch.Tensor, prefix: str) -> float | None:
+        """Log held-out reward and (where a verifier judged) accuracy; return the accuracy."""
+        reward_sum, correct, verified, samples = sums.tolist()
+        self.log(f"{prefix}/reward", reward_sum / max(samples, 1), batch_size=1,
+                 rank_zero_only=True)  # fmt: skip
+        if not verified:
+            return None
+        accuracy = correct / verified
+        self.log(f"{prefix}/accuracy", accuracy, prog_bar=True, batch_size=1, rank_zero_only=True)
+        return accuracy
+
+    def evaluate(self) -> float | None:
+        """Held-out accuracy of the current policy (outside Lightning's validation loop)."""
+        self._ensure_synced()
+        sums = self._evaluate_all()
+        verified = float(sums[2])
+        return float(sums[1]) / verified if verified else None
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(3, device=self.device)  # reward sum, correct, samples
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: list[PromptRow], batch_idx: int) -> None:
         self._val_sums += self._evaluate_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_accuracy = self._reduce_evaluation(self._val_sums, "val")
+        if self._dp_group() is not None:
+            dist.all_reduce(self._val_sums, group=self._dp_group())
+        self.val_accuracy = self._log_evaluation(self._val_sums, "val")
 
     def on_train_end(self) -> None:
         if self.evaluate_before_after:
             self.accuracy_after = self.evaluate()
-            if self.global_rank == 0:
+            if self.global_rank == 0 and self.accuracy_after is not None:
                 print(
-                    f"held-out accuracy {100 * self.accuracy_before:.1f}% → "
+                    f"held-out accuracy {100 * (self.accuracy_before or 0):.1f}% → "
                     f"{100 * self.accuracy_after:.1f}%",
                     flush=True,
                 )

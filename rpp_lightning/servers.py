@@ -49,6 +49,7 @@ class TrainerServers:
         self.tokenizer = None
         self.generation = None
         self.rewards: RewardClient | None = None
+        self.has_verifier = False
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def _generation_model_dir(self) -> str:
@@ -120,6 +121,18 @@ class TrainerServers:
         )
         self.generation.wait_until_ready(timeout_s=300)
         self.rewards = RewardClient(self.reward_sources)
+        # With a verifier among the sources an empty response counts as a wrong answer in the
+        # accuracy; without one, accuracy is undefined and is not logged.
+        self.has_verifier = any(info.kind == "verifier" for info in self.rewards.info())
+
+    def push_dtype(self, device_type: str):
+        """The dtype the generation servers serve (see GenerationEndpoint.push_dtype)."""
+        import torch
+
+        name = self.generation_endpoint.push_dtype
+        if name == "auto":
+            return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return getattr(torch, name)
 
     def served_version(self) -> int:
         """Highest weights version any generation replica serves now."""
@@ -139,7 +152,8 @@ class TrainerServers:
         batch = self.rewards.score(queries) if queries else None
         total = [EMPTY_RESPONSE_REWARD] * len(texts)
         per_source = {s.name: [None] * len(texts) for s in self.reward_sources}
-        correct: list[bool | None] = [False if not t.strip() else None for t in texts]
+        empty_verdict = False if self.has_verifier else None
+        correct: list[bool | None] = [empty_verdict if not t.strip() else None for t in texts]
         infos: list[dict[str, str]] = [{} for _ in texts]
         if batch is not None:
             for position, index in enumerate(scored):

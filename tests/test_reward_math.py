@@ -16,6 +16,8 @@ from math_verify import parse, verify
 from reward_test_verifiers import request, reward_stub, serving
 
 from reward_servers.math_verifier import MathVerifier, extract_answer, extract_boxed
+from rpp_lightning.config import RewardSource
+from rpp_lightning.rewards import RewardClient, RewardQuery
 
 # Real pathological input: sympy evaluates the factorial of 10^8, which takes minutes.
 PATHOLOGICAL = r"\boxed{(10^{8})!}"
@@ -62,12 +64,35 @@ def test_verdicts_and_info(math_server):
     by_id = {s.id: s for s in got}
     assert [s.id for s in got] == ["boxed", "answer_is", "last", "wrong", "none", "junk"]
     assert by_id["boxed"].reward == 1.0
-    assert dict(by_id["boxed"].info) == {"extracted_answer": r"\frac{1}{2}", "method": "boxed"}
+    assert dict(by_id["boxed"].info) == {
+        "correct": "true",
+        "extracted_answer": r"\frac{1}{2}",
+        "method": "boxed",
+    }
+    assert by_id["wrong"].info["correct"] == "false"
     assert (by_id["answer_is"].reward, by_id["answer_is"].info["method"]) == (1.0, "answer_is")
     assert (by_id["last"].reward, by_id["last"].info["extracted_answer"]) == (1.0, "12")
     assert (by_id["wrong"].reward, by_id["wrong"].info["error"]) == (0.0, "wrong_answer")
     assert (by_id["none"].reward, by_id["none"].info["error"]) == (0.0, "no_answer_found")
     assert (by_id["junk"].reward, by_id["junk"].info["error"]) == (0.0, "parse_error")
+
+
+@pytest.mark.timeout(60)
+def test_trainer_reward_client_reads_rewards_and_verdicts():
+    with serving(MathVerifier(workers=2)) as server:
+        client = RewardClient([RewardSource(name="math", addresses=[server.address])])
+        try:
+            batch = client.score(
+                [
+                    RewardQuery("p", r"so \boxed{0.75}", r"\frac{3}{4}"),
+                    RewardQuery("p", r"so \boxed{0.7}", r"\frac{3}{4}"),
+                ]
+            )
+        finally:
+            client.close()
+    assert batch.total == [1.0, 0.0]
+    assert batch.correct == [True, False]
+    assert batch.infos[1]["math.error"] == "wrong_answer"
 
 
 @pytest.mark.timeout(60)

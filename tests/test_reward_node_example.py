@@ -12,7 +12,9 @@ from conftest import ROOT
 from reward_test_verifiers import request
 
 from rpp_lightning.channels import ChannelConfig, open_channel
+from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+from rpp_lightning.rewards import RewardClient, RewardQuery
 
 EXAMPLE = ROOT / "examples" / "node_verifier"
 
@@ -66,5 +68,13 @@ def test_node_verifier_scores_and_reports_errors(node_modules, start_server, mon
         with pytest.raises(grpc.RpcError) as err:
             stub.Score(request(("a", "1", "1")), timeout=10)  # no token
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The trainer's own reward client, as in training.
+        source = RewardSource(name="node", addresses=[server.address], token_env=config.token_env)
+        client = RewardClient([source])
+        try:
+            batch = client.score([RewardQuery("p", "7", "7"), RewardQuery("p", "8", "7")])
+        finally:
+            client.close()
+        assert (batch.total, batch.correct) == ([1.0, 0.0], [True, False])
     assert server.stop() == 0  # SIGTERM: drains and exits 0
     assert "scored samples=2" in server.text

@@ -16,7 +16,11 @@ class DigitShareVerifier(Verifier):
     kind = "verifier"
     version = "1"
 
+    def __init__(self) -> None:
+        self.calls = 0  # lets tests see which replica served a call
+
     def score(self, samples: list[SampleInput], deadline_s: float | None) -> list[ScoreResult]:
+        self.calls += 1
         results = []
         for sample in samples:
             digits = sum(ch.isdigit() for ch in sample.response)

@@ -65,7 +65,7 @@ function score(sample) {
   return {
     id: sample.id,
     reward: match ? 1.0 : 0.0,
-    info: match ? {} : { error: "wrong_answer" },
+    info: match ? { correct: "true" } : { correct: "false", error: "wrong_answer" },
   };
 }
 

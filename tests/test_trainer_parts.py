@@ -1,0 +1,207 @@
+"""The trainer's parts: YAML → computation, data loading and sharding, reward routing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+
+from rpp_lightning.cli import cli_main
+from rpp_lightning.config import RewardSource
+from rpp_lightning.data import PromptDataModule, ResumableSampler, read_rows
+from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.rewards import RewardClient, RewardQuery
+from rpp_lightning.serving import GrpcServer, ServerConfig
+from rpp_lightning.update import micro_batch_loss
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TRAINER_CONFIGS = [p for p in CONFIGS if not p.name.startswith("sft")]
+
+
+@pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_against_the_code(config, capsys) -> None:
+    # Configs cannot drift from the module signatures: each must parse and validate.
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert "advantage_estimator" in capsys.readouterr().out
+
+
+def _module(tmp_path, monkeypatch, estimator: str):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--model.algorithm.advantage_estimator", estimator,
+        "--model.algorithm.kl_coef", "0.1",
+    ]  # fmt: skip
+    return cli_main(args, run=False).model
+
+
+def _experience() -> Experience:
+    # 2 prompts × 2 samples, responses of different lengths, fixed log-probs
+    prompts = [[5, 6, 7], [8, 9]]
+    responses = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19]]
+    sequences, attention, actions = pack_rollouts(prompts, responses, 2, pad_token_id=0)
+    exp = Experience(sequences, attention, actions, torch.tensor([1.0, 0.0, 0.5, 0.25]))
+    generator = torch.Generator().manual_seed(0)
+    exp.old_log_probs = -torch.rand(actions.shape, generator=generator) * actions
+    exp.ref_log_probs = -torch.rand(actions.shape, generator=generator) * actions
+    return exp
+
+
+def test_estimator_switch_in_yaml_changes_the_computation(tmp_path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from rpp_lightning.tiny import tiny_llama_config
+
+    policy = AutoModelForCausalLM.from_config(tiny_llama_config())
+    results = {}
+    for estimator in ["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"]:
+        module = _module(tmp_path, monkeypatch, estimator)
+        exp = _experience()
+        module._advantages(exp)
+        tokens = exp.action_mask.sum().float()
+        _, stats = micro_batch_loss(policy, exp, tokens, module.algorithm, module.estimator)
+        results[estimator] = (exp.advantages, set(stats))
+    advantages = {name: adv for name, (adv, _) in results.items()}
+    names = list(advantages)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(advantages[a], advantages[b]), f"{a} == {b}"
+    mask = _experience().action_mask.bool()
+    # reinforce_pp: globally whitened over action tokens
+    assert advantages["reinforce_pp"][mask].mean().abs() < 1e-6
+    # grpo: one scalar per sample, (R - group mean) / (group std + 1e-6); group 0 = [1.0, 0.0]
+    first_group = advantages["grpo"][0][mask[0]]
+    expected = (1.0 - 0.5) / (torch.tensor([1.0, 0.0]).std() + 1e-6)
+    torch.testing.assert_close(first_group, torch.full_like(first_group, expected.item()))
+    # KL goes into the loss (not the reward) only for the estimators that say so
+    assert "kl_loss" in results["grpo"][1] and "kl_loss" in results["reinforce_pp_baseline"][1]
+    assert "kl_loss" not in results["reinforce_pp"][1] and "kl_loss" not in results["rloo"][1]
+
+
+def test_group_estimator_with_one_sample_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    args += ["--model.algorithm.advantage_estimator", "grpo", "--model.rollout.n_samples", "1"]
+    with pytest.raises(ValueError, match="grpo.*n_samples >= 2"):
+        cli_main(args, run=False)
+
+
+def test_sampler_shards_match_one_process_and_resume() -> None:
+    single = list(ResumableSampler(40, batch_size=4, rank=0, world_size=1, seed=3))
+    ranks = [list(ResumableSampler(40, 2, rank, 2, seed=3)) for rank in range(2)]
+    for step in range(10):  # step t of 2 ranks × 2 prompts == step t of one process × 4
+        union = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+        assert union == single[4 * step : 4 * step + 4]
+    resumed = list(ResumableSampler(40, 4, 0, 1, seed=3, skip_batches=lambda: 3))
+    assert resumed == single[12:]
+    assert len(set(single)) == 40
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        ResumableSampler(3, 2, 0, 2, seed=0)
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "level": i % 2} for i in range(6)]
+    rows.append({"prompt": "x" * 300, "answer": "0", "level": 0})  # too long
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    hf_dir = tmp_path / "hf"
+    Dataset.from_list(rows).save_to_disk(str(hf_dir))
+    return rows, [jsonl, parquet, hf_dir]
+
+
+def test_jsonl_parquet_and_hf_directory_read_the_same_rows(prompt_files) -> None:
+    rows, paths = prompt_files
+    for path in paths:
+        assert read_rows(path) == rows, path
+    with pytest.raises(FileNotFoundError):
+        read_rows(paths[0].with_name("missing.jsonl"))
+
+
+def test_prompt_data_module_templates_filters_and_holds_out(prompt_files) -> None:
+    _, paths = prompt_files
+    tokenizer = str(ROOT / "assets" / "char_tokenizer")
+    data = PromptDataModule(str(paths[0]), val_size=2, tokenizer=tokenizer, max_prompt_tokens=64)
+    data.setup("fit")
+    assert len(data.train_rows) + len(data.val_rows) == 6  # the 300-character prompt is dropped
+    assert len(data.val_rows) == 2
+    train_prompts = {r.prompt for r in data.train_rows}
+    assert not train_prompts & {r.prompt for r in data.val_rows}
+    row = data.train_rows[0]
+    assert row.prompt.startswith("user: What is ") and row.prompt.endswith("assistant: ")
+    assert len(row.prompt_ids) == len(row.prompt)  # one id per character
+    assert row.metadata["level"] in {"0", "1"} and row.reference
+    strict = PromptDataModule(str(paths[0]), tokenizer=tokenizer, max_prompt_tokens=64,
+                              too_long="error")  # fmt: skip
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens=64"):
+        strict.setup("fit")
+    wrong = PromptDataModule(str(paths[0]), tokenizer=tokenizer, prompt_column="question")
+    with pytest.raises(ValueError, match="no column 'question'"):
+        wrong.setup("fit")
+
+
+@pytest.fixture
+def reward_servers_running():
+    """Two replicas of a graded verifier and one math-verify server, in-process, on loopback."""
+    from reward_servers.math_verifier import MathVerifier
+    from reward_servers.servicer import RewardServicer
+    from trainer_verifiers import DigitShareVerifier
+
+    digits = [DigitShareVerifier() for _ in range(2)]
+    servicers = [RewardServicer(v) for v in [*digits, MathVerifier(workers=1)]]
+    servers = [GrpcServer(ServerConfig(), [s.spec()]) for s in servicers]
+    for server in servers:
+        server.start()
+    yield [f"127.0.0.1:{s.port}" for s in servers], digits
+    for server in servers:
+        server.stop(grace=0)
+
+
+def test_reward_routing_weights_and_round_robin(reward_servers_running) -> None:
+    addresses, digit_verifiers = reward_servers_running
+    client = RewardClient(
+        [
+            RewardSource(name="digits", addresses=addresses[:2], weight=0.5),
+            RewardSource(
+                name="math", addresses=addresses[2:], weight=2.0,
+                route_column="task", route_values=["math"],
+            ),
+        ]
+    )  # fmt: skip
+    queries = [
+        RewardQuery("q", "so \\boxed{12}", "12", {"task": "math"}),
+        RewardQuery("q", "ab12", "", {"task": "chat"}),
+        RewardQuery("q", "\\boxed{7}", "8", {"task": "math"}),
+    ]
+    batch = client.score(queries)
+    digits = [2 / 13, 2 / 4, 1 / 9]  # share of digit characters per response
+    assert batch.per_source["digits"] == pytest.approx(digits)
+    assert batch.per_source["math"] == [1.0, None, 0.0]
+    assert batch.total == pytest.approx([0.5 * digits[0] + 2.0, 0.5 * digits[1], 0.5 * digits[2]])
+    assert batch.correct[0] is True and batch.correct[2] is False
+    # several addresses for one source: gRPC round_robin spreads calls over both replicas
+    for _ in range(6):
+        client.score(queries[1:2])
+    calls = [v.calls for v in digit_verifiers]
+    assert all(c > 0 for c in calls), calls
+    client.close()
+
+
+def test_unrouted_sample_is_a_clear_error(reward_servers_running) -> None:
+    addresses, _ = reward_servers_running
+    source = RewardSource(name="math", addresses=addresses[2:], route_column="task",
+                          route_values=["math"])  # fmt: skip
+    client = RewardClient([source])
+    with pytest.raises(ValueError, match="match no reward source"):
+        client.score([RewardQuery("q", "hi", "", {"task": "chat"})])
+    client.close()
