@@ -206,7 +206,11 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=4, help="concurrent client requests")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     args = parser.parse_args()
-    results: dict[str, float] = {}
+    # Other processes' load decides how many cores the 2-worker server really gets: record it.
+    results: dict[str, float] = {
+        "cpus": len(os.sched_getaffinity(0)),
+        "loadavg_1min_before": os.getloadavg()[0],
+    }
 
     # The machine may be shared: every figure is the best of --repeats alternating runs, so a
     # burst of someone else's load hits all configurations alike and does not decide the ratio.
@@ -275,6 +279,7 @@ def main() -> None:
         f"preference server:         {results['preference_server_samples_per_s']:.0f} samples/s "
         f"({results['preference_ratio']:.2f}x direct; goal >= 0.9x)"
     )
+    results["loadavg_1min_after"] = os.getloadavg()[0]
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 

@@ -2,9 +2,10 @@
 
     rpp-reward-server math --port 50051 --verifier-args workers=4 timeout_s=5
 
-Per sample: extract the final answer (`\\boxed{...}` first, then the configured fallbacks:
-"the answer is ...", then the last number), parse answer and reference with `math_verify.parse`
-and compare with `math_verify.verify` (fractions = decimals, sets, intervals, LaTeX, ...).
+Per sample: extract the final answer (`\\boxed{...}` first, then the configured fallbacks, by
+default "the answer is ..." and the last number), parse answer and reference with
+`math_verify.parse` and compare with `math_verify.verify` (fractions = decimals, sets,
+intervals, LaTeX, ...).
 
 Timeouts. math-verify's own timeouts use `signal.alarm`, which only works on a process's main
 thread: inside the server's gRPC threads they raise ValueError. So every sample runs on the main
@@ -32,8 +33,8 @@ from reward_servers.base import SampleInput, ScoreResult, Verifier
 from reward_servers.worker_pool import TIMED_OUT, DeadlinePassed, WorkerPool
 from rpp_lightning.serving import StatusError
 
-FALLBACKS = ("answer_is", "last_number")
-"""Extraction methods tried, in order, when the response has no \\boxed{...}."""
+FALLBACKS = ("boxed", "answer_is", "last_number")
+"""Answer extraction methods, tried in order: \\boxed{...}, "the answer is ...", last number."""
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -74,19 +75,18 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str, fallbacks: tuple[str, ...] = FALLBACKS) -> tuple[str, str] | None:
-    """(answer, method) of the final answer in `text`: boxed first, then `fallbacks` in order."""
-    boxed = extract_boxed(text)
-    if boxed:
-        return boxed, "boxed"
+    """(answer, method) of the final answer in `text`: the first of `fallbacks` that finds one."""
     for method in fallbacks:
-        if method == "answer_is":
+        if method == "boxed":
+            answer = extract_boxed(text) or ""
+        elif method == "answer_is":
             found = _ANSWER_IS.findall(text)
             answer = found[-1].strip().strip("$").strip() if found else ""
         elif method == "last_number":
             found = _NUMBER.findall(text)
             answer = found[-1].replace(",", "") if found else ""
         else:
-            raise ValueError(f"unknown fallback {method!r}; known: boxed, {', '.join(FALLBACKS)}")
+            raise ValueError(f"unknown extraction method {method!r}; known: {', '.join(FALLBACKS)}")
         if answer:
             return answer, method
     return None
@@ -176,7 +176,7 @@ class MathVerifier(Verifier):
             correct_reward: reward of a correct final answer.
             wrong_reward: reward of a wrong, missing, unparsable or timed-out answer.
             format_reward: added when the answer was given in \\boxed{...} (the asked format).
-            fallbacks: extraction methods after boxed, in order ("answer_is", "last_number").
+            fallbacks: extraction methods in order; ("boxed",) accepts boxed answers only.
             workers: worker processes (default: CPUs available to this process).
             timeout_s: per-sample time budget (soft SIGALRM timeout in the worker).
             hard_grace_s: a worker silent for timeout_s + hard_grace_s is killed and replaced.

@@ -8,6 +8,7 @@ jsonargparse) turns them into YAML sections (`model.algorithm.kl_coef: 0.001`) a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -41,6 +42,13 @@ class PolicyConfig:
             problems.append("`config` needs a `model_type` (e.g. llama, qwen2)")
         if self.path is None and self.tokenizer is None:
             problems.append("`tokenizer` is required when the policy comes from `config`")
+        for name in ("path", "tokenizer", "reference_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                # checked here: transformers would take a missing directory for a hub id
+                problems.append(
+                    f"{name}: no such directory {value!r} (relative to {Path.cwd()})"
+                )
         _raise_all("policy", problems)
 
 

@@ -215,6 +215,9 @@ class ReinforcePP(pl.LightningModule):
             )
         with self._timed(timings, "score"):
             rewards = self.servers.score(rows, rollouts, r.n_samples)
+        # server-side time of both phases: the rest of their wall time is transport
+        timings["generate_server"] = self.servers.generation.last_server_s
+        timings["score_server"] = self.servers.rewards.last_server_s
         return rollouts, rewards
 
     @torch.no_grad()

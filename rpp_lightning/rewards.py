@@ -17,6 +17,7 @@ import grpc
 from rpp_lightning.channels import ChannelConfig, open_channel
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+from rpp_lightning.serving import server_seconds
 
 _SERVICE = "rpp.v1.RewardService"
 _CHUNK = 128  # samples per Score call: chunks run in parallel across replicas
@@ -79,6 +80,8 @@ class RewardClient:
         self._channels = [open_channel(c, [_SERVICE]) for c in self._configs]
         self._stubs = [reward_pb2_grpc.RewardServiceStub(ch) for ch in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reward")
+        self.last_server_s = 0.0
+        """Server-side seconds of the last `score` (its slowest parallel call)."""
 
     def info(self) -> list[reward_pb2.RewardServerInfo]:
         return [
@@ -107,7 +110,9 @@ class RewardClient:
             ]
         )
         try:
-            reply = stub.Score(request, timeout=config.timeout_s, metadata=config.metadata())
+            reply, call = stub.Score.with_call(
+                request, timeout=config.timeout_s, metadata=config.metadata()
+            )
         except grpc.RpcError as exc:
             raise RewardError(
                 f"reward source {source.name!r} ({', '.join(source.addresses)}) failed: "
@@ -118,7 +123,7 @@ class RewardClient:
         for score in reply.scores:
             if not math.isfinite(score.reward):
                 raise RewardError(f"reward source {source.name!r} sent a non-finite reward")
-        return rows, reply.scores
+        return rows, reply.scores, server_seconds(call)
 
     def score(self, queries: Sequence[RewardQuery]) -> RewardBatch:
         """Score every query on its sources (in parallel); raise RewardError on any failure."""
@@ -143,8 +148,11 @@ class RewardClient:
                 f"{len(missing)} samples match no reward source (first: row {missing[0]}, "
                 f"metadata {queries[missing[0]].metadata}); check route_column/route_values"
             )
+        self.last_server_s = 0.0
         for source, future in futures:
-            rows, scores = future.result()
+            rows, scores, server_s = future.result()
+            # calls run in parallel: the slowest one's server time bounds the phase
+            self.last_server_s = max(self.last_server_s, server_s)
             for row, score in zip(rows, scores, strict=True):
                 per_source[source.name][row] = score.reward
                 for key, value in score.info.items():

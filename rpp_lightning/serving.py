@@ -34,6 +34,16 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger("rpp.server")
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+SERVER_TIME_KEY = "rpp-server-ms"
+"""Trailing metadata of every successful unary-response call: milliseconds spent in the server."""
+
+
+def server_seconds(call: grpc.Call) -> float:
+    """Seconds the server spent on a finished call (0.0 if it did not say)."""
+    for key, value in call.trailing_metadata() or ():
+        if key == SERVER_TIME_KEY:
+            return float(value) / 1000
+    return 0.0
 
 
 class StatusError(Exception):
@@ -243,6 +253,10 @@ def _guard_unary_response(handler, method: str, authorized: bool, request_stream
                 request = _check_parsed(request)
                 size = f" request_bytes={request.ByteSize()}"
             response = inner(request, context)
+            # Server-Timing, gRPC style: clients subtract it from their own wall time to see
+            # what transport and serialisation cost (benchmarks/step_breakdown.py does).
+            server_ms = (time.perf_counter() - start) * 1000
+            context.set_trailing_metadata(((SERVER_TIME_KEY, f"{server_ms:.3f}"),))
         except StatusError as exc:
             context.abort(exc.code, exc.message)
         except Exception as exc:

@@ -44,9 +44,9 @@ def test_extraction_boxed_nested_and_fallbacks():
     assert extract_boxed(r"\boxed{\frac{1}{2}") is None  # never closed
     assert extract_answer("So the answer is $\\frac{3}{4}$. Done") == (r"\frac{3}{4}", "answer_is")
     assert extract_answer("we get 1,234 apples and 3.5 pears") == ("3.5", "last_number")
-    assert extract_answer("we get 7", fallbacks=()) is None
+    assert extract_answer("we get 7", fallbacks=("boxed",)) is None
     assert extract_answer("nothing here") is None
-    with pytest.raises(ValueError, match="unknown fallback"):
+    with pytest.raises(ValueError, match="unknown extraction method"):
         extract_answer("x", fallbacks=("guess",))
 
 
@@ -98,14 +98,14 @@ def test_trainer_reward_client_reads_rewards_and_verdicts():
 @pytest.mark.timeout(60)
 def test_configurable_rewards_and_fallbacks():
     verifier = MathVerifier(
-        correct_reward=2.0, wrong_reward=-1.0, format_reward=0.5, fallbacks=(), workers=1
+        correct_reward=2.0, wrong_reward=-1.0, format_reward=0.5, fallbacks=("boxed",), workers=1
     )
     with serving(verifier) as server, grpc.insecure_channel(server.address) as channel:
         got = scores(
             reward_stub(channel),
             ("a", r"\boxed{4}", "4"),
             ("b", r"\boxed{5}", "4"),
-            ("c", "the answer is 4", "4"),  # no fallbacks configured: not found
+            ("c", "the answer is 4", "4"),  # boxed only: not found
         )
     assert [s.reward for s in got] == [2.5, -0.5, -1.0]
     assert got[2].info["error"] == "no_answer_found"

@@ -18,6 +18,7 @@ from rpp_lightning.update import micro_batch_loss
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINER_CONFIGS = [p for p in CONFIGS if not p.name.startswith("sft")]
+TOKENIZER = str(ROOT / "assets" / "char_tokenizer")
 
 
 @pytest.mark.parametrize("config", TRAINER_CONFIGS, ids=lambda p: p.name)
@@ -35,6 +36,7 @@ def _module(tmp_path, monkeypatch, estimator: str):
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--model.algorithm.advantage_estimator", estimator,
         "--model.algorithm.kl_coef", "0.1",
+        "--model.policy.tokenizer", TOKENIZER,
     ]  # fmt: skip
     return cli_main(args, run=False).model
 
@@ -84,9 +86,9 @@ def test_estimator_switch_in_yaml_changes_the_computation(tmp_path, monkeypatch)
 
 def test_group_estimator_with_one_sample_is_refused(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.policy.tokenizer", TOKENIZER]
     args += ["--model.algorithm.advantage_estimator", "grpo", "--model.rollout.n_samples", "1"]
-    with pytest.raises(ValueError, match="grpo.*n_samples >= 2"):
+    with pytest.raises(ValueError, match=r"grpo.*n_samples >= 2"):
         cli_main(args, run=False)
 
 
@@ -120,6 +122,12 @@ def prompt_files(tmp_path):
     return rows, [jsonl, parquet, hf_dir]
 
 
+def test_missing_model_directory_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's relative tokenizer path no longer resolves
+    with pytest.raises(ValueError, match="tokenizer: no such directory 'assets/char_tokenizer'"):
+        cli_main(["--config", str(ROOT / "configs" / "tiny.yaml")], run=False)
+
+
 def test_jsonl_parquet_and_hf_directory_read_the_same_rows(prompt_files) -> None:
     rows, paths = prompt_files
     for path in paths:
@@ -130,7 +138,7 @@ def test_jsonl_parquet_and_hf_directory_read_the_same_rows(prompt_files) -> None
 
 def test_prompt_data_module_templates_filters_and_holds_out(prompt_files) -> None:
     _, paths = prompt_files
-    tokenizer = str(ROOT / "assets" / "char_tokenizer")
+    tokenizer = TOKENIZER
     data = PromptDataModule(str(paths[0]), val_size=2, tokenizer=tokenizer, max_prompt_tokens=64)
     data.setup("fit")
     assert len(data.train_rows) + len(data.val_rows) == 6  # the 300-character prompt is dropped
@@ -153,9 +161,10 @@ def test_prompt_data_module_templates_filters_and_holds_out(prompt_files) -> Non
 @pytest.fixture
 def reward_servers_running():
     """Two replicas of a graded verifier and one math-verify server, in-process, on loopback."""
+    from trainer_verifiers import DigitShareVerifier
+
     from reward_servers.math_verifier import MathVerifier
     from reward_servers.servicer import RewardServicer
-    from trainer_verifiers import DigitShareVerifier
 
     digits = [DigitShareVerifier() for _ in range(2)]
     servicers = [RewardServicer(v) for v in [*digits, MathVerifier(workers=1)]]

@@ -36,6 +36,7 @@ from rpp_lightning.generation.backend import mix_seed
 from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
+from rpp_lightning.serving import server_seconds
 
 log = logging.getLogger("rpp.generation.client")
 
@@ -110,6 +111,8 @@ class GenerationClient:
         ]
         self._attempts = base.retries + 1
         self._metadata = base.metadata()
+        self.last_server_s = 0.0
+        """Server-side seconds of the last `generate` (its slowest parallel call)."""
         self._channels = [open_channel(c, [SERVICE_NAME]) for c in self._configs]
         self._stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.addresses)))
@@ -197,13 +200,18 @@ class GenerationClient:
                     self._with_retries,
                     number % len(self._stubs),
                     deadline,
-                    lambda stub, t, r=request: stub.Generate(r, timeout=t, metadata=self._metadata),
+                    lambda stub, t, r=request: stub.Generate.with_call(
+                        r, timeout=t, metadata=self._metadata
+                    ),
                 )
             )
         rollouts = []
+        self.last_server_s = 0.0
         for (start, stop), call in zip(pieces, calls, strict=True):
             try:
-                response = call.result()
+                response, grpc_call = call.result()
+                # calls run in parallel: the slowest one's server time bounds the phase
+                self.last_server_s = max(self.last_server_s, server_seconds(grpc_call))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise StaleWeightsError(exc.details()) from exc

@@ -1,0 +1,96 @@
+"""Where a training step's time goes, for configs/tiny.yaml on this machine.
+
+    python benchmarks/step_breakdown.py --iterations 8
+
+Runs `rpp-train fit --config configs/tiny.yaml` (local generation and math reward servers, real
+gRPC) in a temporary directory, reads the per-phase timings the trainer logs every step, and
+reports medians over the iterations after the first (warm-up). Overhead is everything that is not
+model or reward compute: transport and serialisation of the generate and score calls (the
+caller's wall time minus the time the server reports in its `rpp-server-ms` trailer), the weight
+push, and the trainer's own bookkeeping between phases. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ["generate", "score", "logprobs", "update", "weight_sync"]
+
+
+def run(iterations: int, extra: list[str]) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            sys.executable, "-m", "rpp_lightning.cli", "fit",
+            "--config", str(ROOT / "configs" / "tiny.yaml"),
+            "--data.train_path", str(ROOT / "data" / "arithmetic" / "train.jsonl"),
+            "--data.val_path", str(ROOT / "data" / "arithmetic" / "val.jsonl"),
+            "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
+            "--model.rollout.max_iterations", str(iterations),
+            "--trainer.val_check_interval", "null",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false",
+            "--model.export_dir", "null",
+            *extra,
+        ]  # fmt: skip
+        subprocess.run(argv, cwd=tmp, check=True, capture_output=True, text=True)
+        (metrics,) = Path(tmp).glob("runs/tiny/csv/*/metrics.csv")
+        with metrics.open() as f:
+            rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    return [r for r in rows if "time/step" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("extra", nargs="*", help="extra rpp-train overrides")
+    args = parser.parse_args()
+    rows = run(args.iterations, args.extra)[1:]  # the first iteration warms up
+    # Per iteration first, then the median: medians of separate columns would not add up.
+    for row in rows:
+        row["transport"] = max(0.0, row["time/generate"] - row["time/generate_server"]) + max(
+            0.0, row["time/score"] - row["time/score_server"]
+        )
+        row["bookkeeping"] = max(0.0, row["time/step"] - sum(row[f"time/{p}"] for p in PHASES))
+        overhead = row["transport"] + row["time/weight_sync"] + row["bookkeeping"]
+        row["overhead_fraction"] = overhead / row["time/step"]
+    middle = sorted(rows, key=lambda r: r["overhead_fraction"])[len(rows) // 2]
+    median = {key: middle[f"time/{key}"] for key in [*PHASES, "step"]}
+    transport, other = middle["transport"], middle["bookkeeping"]
+    fractions = [r["overhead_fraction"] for r in rows]
+    print(f"the median iteration (by overhead) of {len(rows)} after 1 warm-up, configs/tiny.yaml")
+    for phase in PHASES:
+        share = median[phase] / median["step"]
+        print(f"  {phase:<12} {median[phase] * 1000:8.1f} ms  {100 * share:5.1f} %")
+    print(f"  {'step':<12} {median['step'] * 1000:8.1f} ms")
+    print(f"  transport (generate+score wall − server time) {transport * 1000:.1f} ms")
+    print(f"  bookkeeping between phases {other * 1000:.1f} ms")
+    print(f"  overhead fraction {middle['overhead_fraction']:.3f} (goal ≤ 0.10); "
+          f"all iterations: {', '.join(f'{f:.3f}' for f in fractions)}")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "step_s": median["step"],
+                "generate_s": median["generate"],
+                "score_s": median["score"],
+                "logprobs_s": median["logprobs"],
+                "update_s": median["update"],
+                "weight_push_s": median["weight_sync"],
+                "transport_s": transport,
+                "bookkeeping_s": other,
+                "overhead_fraction": middle["overhead_fraction"],
+                "overhead_fraction_max": max(fractions),
+                "iterations": len(rows),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
