@@ -379,12 +379,13 @@ class ReinforcePP(pl.LightningModule):
     def _log_evaluation(self, sums: torch.Tensor, prefix: str) -> float | None:
         """Log held-out reward and (where a verifier judged) accuracy; return the accuracy."""
         reward_sum, correct, verified, samples = sums.tolist()
-        self.log(f"{prefix}/reward", reward_sum / max(samples, 1), batch_size=1,
-                 rank_zero_only=True)  # fmt: skip
+        # `sums` is already the same on every rank; sync_dist only keeps Lightning's
+        # epoch-level bookkeeping consistent across ranks.
+        self.log(f"{prefix}/reward", reward_sum / max(samples, 1), batch_size=1, sync_dist=True)
         if not verified:
             return None
         accuracy = correct / verified
-        self.log(f"{prefix}/accuracy", accuracy, prog_bar=True, batch_size=1, rank_zero_only=True)
+        self.log(f"{prefix}/accuracy", accuracy, prog_bar=True, batch_size=1, sync_dist=True)
         return accuracy
 
     def evaluate(self) -> float | None:

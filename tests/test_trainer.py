@@ -159,3 +159,32 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
         moved = max(moved, delta_single.abs().max().item())
     assert moved > 1e-4, "the update did not move the weights: the comparison would be vacuous"
     assert read_metrics(single)[0]["reward"] == pytest.approx(read_metrics(sharded)[0]["reward"])
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["torchrun", "--nproc_per_node", "2", "-m", "rpp_lightning.cli"],
+        ["fabric", "run", "--accelerator", "cpu", "--devices", "2",
+         str(ROOT / "rpp_lightning" / "cli.py")],
+    ],
+    ids=["torchrun", "fabric-run"],
+)  # fmt: skip
+def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> None:
+    """`torchrun` and Lightning's `fabric run` start the ranks; the trainer joins them."""
+    argv = [
+        *launcher, "fit", "--config", TINY,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--data.val_path", str(DATA / "val.jsonl"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        *remote(servers, "--model.rollout.max_iterations", "1", "--model.export_dir", "null"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        argv, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (log_dir,) = (tmp_path / "runs" / "tiny" / "csv").iterdir()
+    (row,) = read_metrics(log_dir)
+    assert math.isfinite(row["policy_loss"])
+    assert served_version(servers["generation"]) == int(row["weights_version"])
