@@ -1,7 +1,7 @@
 """Reward-server throughput: what does serving cost, and what does the process pool buy?
 
     python benchmarks/reward_throughput.py                 # ~1.5 minutes on 2 cores
-    python benchmarks/reward_throughput.py --math-samples 2000 --pref-samples 512 --repeats 3
+    python benchmarks/reward_throughput.py --math-samples 2000 --pref-samples 512 --repeats 5
 
 Math: samples/s of `verify_one` in this process on one thread, versus the `math` server (a
 separate process, as deployed) with 1 and 2 worker processes, fed by a client keeping several
@@ -199,12 +199,12 @@ def best(results: dict[str, float], key: str, value: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--math-samples", type=int, default=1000)
+    parser.add_argument("--math-samples", type=int, default=600)
     parser.add_argument("--math-batch", type=int, default=64)
     parser.add_argument("--pref-samples", type=int, default=192)
     parser.add_argument("--pref-batch", type=int, default=32)
     parser.add_argument("--in-flight", type=int, default=4, help="concurrent client requests")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
     # Other processes' load decides how many cores the 2-worker server really gets: record it.
     results: dict[str, float] = {

@@ -138,7 +138,7 @@ class SFTDataModule(pl.LightningDataModule):
 
 
 class SFT(pl.LightningModule):
-    """Next-token cross-entropy on response tokens; writes a `from_pretrained` directory at the end."""
+    """Cross-entropy on response tokens; writes a `from_pretrained` directory at the end."""
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,19 +162,24 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
     assert read_metrics(single)[0]["reward"] == pytest.approx(read_metrics(sharded)[0]["reward"])
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        ["torchrun", "--nproc_per_node", "2", "-m", "rpp_lightning.cli"],
-        ["fabric", "run", "--accelerator", "cpu", "--devices", "2",
-         str(ROOT / "rpp_lightning" / "cli.py")],
-    ],
-    ids=["torchrun", "fabric-run"],
-)  # fmt: skip
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "fabric-run"])
 def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> None:
     """`torchrun` and Lightning's `fabric run` start the ranks; the trainer joins them."""
+    port = str(free_port())  # not the default 29500, which another run may hold
+    command = {
+        "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port,
+                     "-m", "rpp_lightning.cli"],
+        "fabric-run": ["fabric", "run", "--accelerator", "cpu", "--devices", "2",
+                       "--main-port", port, str(ROOT / "rpp_lightning" / "cli.py")],
+    }[launcher]  # fmt: skip
     argv = [
-        *launcher, "fit", "--config", TINY,
+        *command, "fit", "--config", TINY,
         "--data.train_path", str(DATA / "train.jsonl"),
         "--data.val_path", str(DATA / "val.jsonl"),
         "--trainer.enable_progress_bar", "false",

@@ -1,0 +1,224 @@
+"""The quickstart end to end, and the embedded servers' promise: no orphan processes, ever.
+
+Every run here is the README's command path, `python -m rpp_lightning.cli fit --config ...`,
+with the real committed SFT policy (or the tiny config), a real transformers generation server
+and a real math-verify reward server started by the trainer as child processes.
+Process trees are read from /proc (Linux), as `ps --ppid` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="/proc")]
+
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+TINY = str(ROOT / "configs" / "tiny.yaml")
+DATA = ROOT / "data" / "arithmetic"
+SERVER_MODULES = ("rpp_lightning.generation.cli", "reward_servers.cli")
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process, or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every live process below `root`."""
+    parents: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            parents.setdefault(stat[0], []).append(int(entry))
+            starts[int(entry)] = stat[2]
+    found, todo = {}, [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def alive(processes: dict[int, int]) -> list[int]:
+    """The pids of `processes` still running (the same process: same start time; not a zombie)."""
+    out = []
+    for pid, start in processes.items():
+        stat = _stat(pid)
+        if stat is not None and stat[2] == start and stat[1] != "Z":
+            out.append(pid)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Tree:
+    """Every process ever seen below a trainer, with its command line, polled while it runs."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.seen, self.commands = root, {}, {}
+
+    def poll(self) -> None:
+        for pid, start in descendants(self.root).items():
+            if pid not in self.seen:
+                self.commands[pid] = cmdline(pid)
+            self.seen[pid] = start
+
+    def servers(self) -> list[str]:
+        """The server modules among the live direct children of the trainer."""
+        return [
+            module
+            for pid in alive(self.seen)
+            if (stat := _stat(pid)) is not None and stat[0] == self.root
+            for module in SERVER_MODULES
+            if module in self.commands[pid]
+        ]
+
+    def started(self, module: str) -> bool:
+        return any(module in command for command in self.commands.values())
+
+    def survivors(self) -> list[str]:
+        return [self.commands[pid] for pid in alive(self.seen)]
+
+    def kill_survivors(self) -> None:
+        for pid in alive(self.seen):  # never leave a test's processes behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_training(cwd: Path, config: str, *overrides: str) -> subprocess.Popen:
+    argv = [
+        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", config,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--trainer.enable_progress_bar", "false",
+        *overrides,
+    ]  # fmt: skip
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def small_val_set(tmp_path: Path, rows: int = 24) -> Path:
+    lines = (DATA / "val.jsonl").read_text().splitlines()[:rows]
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_to_completion(proc: subprocess.Popen) -> tuple[Tree, str]:
+    """Wait for a training run, remembering every process it started; return them and output."""
+    tree = Tree(proc.pid)
+    while proc.poll() is None:
+        tree.poll()
+        time.sleep(0.1)
+    return tree, proc.stdout.read()
+
+
+@pytest.mark.timeout(180)
+def test_shortened_quickstart_end_to_end(tmp_path):
+    """`rpp-train fit --config configs/quickstart.yaml`, 2 iterations and a small held-out set."""
+    proc = start_training(
+        tmp_path,
+        QUICKSTART,
+        "--model.policy.path", str(ROOT / "assets" / "quickstart_policy"),
+        "--data.val_path", str(small_val_set(tmp_path)),
+        "--data.val_batch_size", "24",
+        "--model.rollout.max_iterations", "2",
+        "--trainer.val_check_interval", "1",
+    )  # fmt: skip
+    tree, output = run_to_completion(proc)
+    try:
+        assert proc.returncode == 0, output[-6000:]
+        assert re.search(r"held-out accuracy [\d.]+% → [\d.]+%", output), output[-3000:]
+        assert all(tree.started(module) for module in SERVER_MODULES), tree.commands
+        assert wait_for(lambda: not tree.survivors(), timeout_s=10), tree.survivors()
+    finally:
+        tree.kill_survivors()
+    log_dir = sorted((tmp_path / "runs" / "quickstart" / "csv").iterdir())[-1]
+    assert (log_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("reward", "accuracy", "kl", "response_length", "val/accuracy"):
+        assert key in header, header
+    export = log_dir / "hf_export"
+    assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_no_orphans_when_the_trainer_is_interrupted_or_killed(tmp_path, signum):
+    proc = start_training(
+        tmp_path,
+        TINY,
+        "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
+        "--data.val_path", str(small_val_set(tmp_path, 8)),
+        "--trainer.callbacks", "[]",
+        "--model.export_dir", "null",
+        "--model.rollout.max_iterations", "100000",
+    )  # fmt: skip
+    tree = Tree(proc.pid)
+    try:
+        # hparams.yaml is written after setup, i.e. once both servers passed their health checks
+        logs = tmp_path / "runs" / "tiny" / "csv"
+
+        def training() -> bool:
+            tree.poll()
+            up = sorted(tree.servers()) == sorted(SERVER_MODULES)
+            return proc.poll() is not None or (up and any(logs.glob("*/hparams.yaml")))
+
+        assert wait_for(training, timeout_s=120, interval_s=0.2)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        tree.poll()  # the reward server's verifier workers too
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        # SIGINT: Lightning's graceful shutdown and our atexit hook stop the servers. SIGKILL:
+        # nothing runs in the trainer; the kernel's PR_SET_PDEATHSIG sends them SIGTERM.
+        assert wait_for(lambda: not tree.survivors(), timeout_s=20), tree.survivors()
+        assert proc.returncode != 0
+    finally:
+        tree.kill_survivors()
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(150)
+def test_no_orphans_when_training_fails(tmp_path):
+    # 4 prompts × 2 samples = 8 rollouts per step cannot be split into mini-batches of 6: the
+    # first training step raises, after the servers are up
+    proc = start_training(
+        tmp_path,
+        TINY,
+        "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
+        "--data.val_path", str(small_val_set(tmp_path, 8)),
+        "--trainer.callbacks", "[]",
+        "--model.algorithm.mini_batch_size", "6",
+        "--model.algorithm.micro_batch_size", "3",
+        "--model.export_dir", "null",
+    )  # fmt: skip
+    tree, output = run_to_completion(proc)
+    try:
+        assert proc.returncode != 0
+        assert "not a multiple of mini_batch_size" in output, output[-3000:]
+        assert all(tree.started(module) for module in SERVER_MODULES), tree.commands
+        assert wait_for(lambda: not tree.survivors(), timeout_s=20), tree.survivors()
+    finally:
+        tree.kill_survivors()
