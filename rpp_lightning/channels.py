@@ -7,6 +7,7 @@ the service config, so they are bounded by the caller's deadline. Imports grpc o
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -140,7 +141,7 @@ def wait_until_serving(config: ChannelConfig, timeout_s: float = 60.0, service: 
 
     deadline = time.monotonic() + timeout_s
     for address in config.addresses:
-        single = ChannelConfig(**{**config.__dict__, "addresses": [address], "retries": 0})
+        single = dataclasses.replace(config, addresses=[address], retries=0)
         with open_channel(single, ["grpc.health.v1.Health"]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:

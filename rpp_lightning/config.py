@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rpp_lightning.channels import ChannelConfig
+
 
 def _raise_all(group: str, problems: list[str]) -> None:
     if problems:
@@ -46,9 +48,7 @@ class PolicyConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
                 # checked here: transformers would take a missing directory for a hub id
-                problems.append(
-                    f"{name}: no such directory {value!r} (relative to {Path.cwd()})"
-                )
+                problems.append(f"{name}: no such directory {value!r} (relative to {Path.cwd()})")
         _raise_all("policy", problems)
 
 
@@ -152,28 +152,11 @@ class OptimConfig:
 
 
 @dataclass
-class ServerEndpoint:
-    """A gRPC service the trainer calls; several addresses are replicas."""
+class RewardSource(ChannelConfig):
+    """One reward server (or a load-balanced set of replicas, round-robin).
 
-    addresses: list[str] = field(default_factory=list)
-    """host:port of each replica (filled in by `local_servers` when they are started here)."""
-    timeout_s: float = 300.0
-    """Deadline of one call."""
-    retries: int = 3
-    """Extra attempts on transient failures (UNAVAILABLE)."""
-    tls_ca: str | None = None
-    """PEM CA to verify servers with; enables TLS."""
-    tls_cert: str | None = None
-    """Client certificate for mutual TLS."""
-    tls_key: str | None = None
-    """Client key for mutual TLS."""
-    token_env: str | None = None
-    """Environment variable holding the bearer token."""
-
-
-@dataclass
-class RewardSource(ServerEndpoint):
-    """One reward server (or a load-balanced set of replicas)."""
+    The connection fields (addresses, timeout_s, retries, TLS, token) are ChannelConfig's.
+    """
 
     name: str = "reward"
     """Metric name of this source (`reward/<name>`)."""
@@ -191,8 +174,11 @@ class RewardSource(ServerEndpoint):
 
 
 @dataclass
-class GenerationEndpoint(ServerEndpoint):
-    """The generation servers."""
+class GenerationEndpoint(ChannelConfig):
+    """The generation servers; the connection fields are ChannelConfig's."""
+
+    timeout_s: float = 600.0
+    """Deadline of one Generate or UpdateWeights call (a whole rollout batch)."""
 
     local: bool = False
     """Start one transformers generation server as a child process on a free loopback port."""

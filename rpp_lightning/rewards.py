@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rpp_lightning.channels import ChannelConfig, open_channel
+from rpp_lightning.channels import open_channel
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.serving import server_seconds
@@ -51,18 +51,6 @@ class RewardError(RuntimeError):
     """A reward source failed; the message names the source and the gRPC status."""
 
 
-def source_channel_config(source: RewardSource) -> ChannelConfig:
-    return ChannelConfig(
-        addresses=list(source.addresses),
-        timeout_s=source.timeout_s,
-        retries=source.retries,
-        tls_ca=source.tls_ca,
-        tls_cert=source.tls_cert,
-        tls_key=source.tls_key,
-        token_env=source.token_env,
-    )
-
-
 class RewardClient:
     """Scores samples on every configured reward source."""
 
@@ -76,8 +64,8 @@ class RewardClient:
             if not source.addresses:
                 raise ValueError(f"reward source {source.name!r} has no addresses")
         self.sources = list(sources)
-        self._configs = [source_channel_config(s) for s in self.sources]
-        self._channels = [open_channel(c, [_SERVICE]) for c in self._configs]
+        self._configs = self.sources  # each source is its own ChannelConfig
+        self._channels = [open_channel(s, [_SERVICE]) for s in self.sources]
         self._stubs = [reward_pb2_grpc.RewardServiceStub(ch) for ch in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reward")
         self.last_server_s = 0.0

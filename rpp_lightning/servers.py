@@ -11,7 +11,6 @@ import logging
 import tempfile
 from dataclasses import replace
 
-from rpp_lightning.channels import ChannelConfig
 from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
 from rpp_lightning.local_servers import ChildServer, generation_server_argv, reward_server_argv
 from rpp_lightning.rewards import RewardBatch, RewardClient, RewardQuery
@@ -20,18 +19,6 @@ log = logging.getLogger("rpp.servers")
 
 EMPTY_RESPONSE_REWARD = 0.0
 """Reward of a response with no text (e.g. only EOS): reward servers refuse empty responses."""
-
-
-def _channel_config(endpoint: GenerationEndpoint) -> ChannelConfig:
-    return ChannelConfig(
-        addresses=list(endpoint.addresses),
-        timeout_s=endpoint.timeout_s,
-        retries=endpoint.retries,
-        tls_ca=endpoint.tls_ca,
-        tls_cert=endpoint.tls_cert,
-        tls_key=endpoint.tls_key,
-        token_env=endpoint.token_env,
-    )
 
 
 class TrainerServers:
@@ -115,9 +102,9 @@ class TrainerServers:
         ]
         if not self.generation_endpoint.addresses:
             raise ValueError("generation.addresses is empty and generation.local is false")
-        config = _channel_config(self.generation_endpoint)
+        endpoint = self.generation_endpoint
         self.generation = GenerationClient(
-            config.addresses, channel=config, timeout_s=self.generation_endpoint.timeout_s
+            endpoint.addresses, channel=endpoint, timeout_s=endpoint.timeout_s
         )
         self.generation.wait_until_ready(timeout_s=300)
         self.rewards = RewardClient(self.reward_sources)

@@ -2,78 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rpp_lightning.local_servers import ChildServer
+
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on (\S+)")
 
 
-class ServerProcess:
-    """A server CLI started as a child process; `address` is read from its `listening on` line.
+class ServerProcess(ChildServer):
+    """A server CLI run as a child process from the repository root (see ChildServer).
 
-    Output is collected in `self.output` (stdout and stderr together) for assertions and for
-    failure messages.
+    `address` comes from its `listening on` line; `output`/`text` hold its stdout and stderr.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, timeout_s: float = 120):
-        self.argv = argv
-        self.output: list[str] = []
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            cwd=ROOT,
-        )
-        self._address: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(timeout_s) or self._address is None:
-            self.stop()
-            raise RuntimeError(f"{argv} did not start:\n" + "".join(self.output[-50:]))
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            match = _LISTENING.search(line)
-            if match and self._address is None:
-                self._address = match.group(1)
-                self._ready.set()
-        self._ready.set()  # process ended: unblock the waiter
-
-    @property
-    def address(self) -> str:
-        assert self._address is not None
-        return self._address
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        super().__init__(argv, name=argv[0], env=env, start_timeout_s=timeout_s, cwd=str(ROOT))
 
 
 @pytest.fixture
