@@ -9,8 +9,9 @@ it works with any logger or none:
           init_args: {every_n_steps: 10}
 
 The plot is rewritten every `every_n_steps` steps and at the end, so an interrupted run still
-leaves one behind. Held-out accuracy (`val/accuracy`, and the before/after evaluation when the
-module runs one) is drawn as points on the accuracy panel.
+leaves one behind. Training metrics are
+drawn raw (faint) and as a 10-step moving average; held-out accuracy (`val/accuracy`, and the
+before/after evaluation when the module runs one) as points on the accuracy panel.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ PANELS = (
     ("response_length", "response length (tokens)"),
 )
 """(metric, title) of the 2×2 panels, in reading order."""
+
+
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    """Trailing mean over the last `window` finite values (rollout metrics are noisy)."""
+    out = []
+    for end in range(1, len(values) + 1):
+        recent = [v for v in values[max(0, end - window) : end] if math.isfinite(v)]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
 
 
 class TrainingCurves(pl.Callback):
@@ -91,7 +101,9 @@ class TrainingCurves(pl.Callback):
 
         fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
         for ax, (name, title) in zip(axes.flat, PANELS, strict=True):
-            ax.plot(self.steps, self.series[name], color="tab:blue", lw=1, label="train (sampled)")
+            values = self.series[name]
+            ax.plot(self.steps, values, color="tab:blue", lw=0.8, alpha=0.35)
+            ax.plot(self.steps, moving_average(values), color="tab:blue", label="train (sampled)")
             ax.set_title(title)
             ax.grid(alpha=0.3)
         accuracy = axes.flat[1]
@@ -100,7 +112,7 @@ class TrainingCurves(pl.Callback):
             accuracy.plot(steps, values, "o", color="tab:orange", label="held-out (greedy)")
         self._before_after(accuracy, pl_module)
         accuracy.set_ylim(-0.02, 1.02)
-        accuracy.legend(loc="lower right", fontsize=8)
+        accuracy.legend(loc="best", fontsize=8)
         for ax in axes[1]:
             ax.set_xlabel("iteration")
         fig.suptitle("REINFORCE++ training curves")
