@@ -11,7 +11,6 @@ The math lives in `rpp_lightning.algorithms`, the model plumbing in `policy`, th
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -34,14 +33,14 @@ from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.metrics import reduce_metrics, rollout_metrics, update_metrics
 from rpp_lightning.policy import (
+    experience_log_probs,
     export_hf,
     full_state_dict,
     load_causal_lm,
-    response_log_probs,
     shard_model,
 )
 from rpp_lightning.servers import TrainerServers
-from rpp_lightning.update import micro_batch_loss
+from rpp_lightning.update import build_optimizer, check_same_rows_on_every_rank, micro_batch_loss
 
 log = logging.getLogger("rpp.train")
 
@@ -125,24 +124,7 @@ class ReinforcePP(pl.LightningModule):
             shard_model(self.reference, dp_mesh, mixed_precision=mixed)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],
-            lr=self.optim.lr,
-            betas=self.optim.betas,
-            eps=self.optim.eps,
-            weight_decay=self.optim.weight_decay,
-        )
-        total = self.rollout.max_iterations
-        warmup = round(total * self.optim.warmup_ratio)
-        floor = self.optim.min_lr_ratio
-
-        def lr_factor(iteration: int) -> float:  # stepped once per iteration
-            if iteration < warmup:
-                return (iteration + 1) / (warmup + 1)
-            progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        opt, scheduler = build_optimizer(self.policy, self.optim, self.rollout.max_iterations)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _dp_group(self):
@@ -220,19 +202,6 @@ class ReinforcePP(pl.LightningModule):
         timings["score_server"] = self.servers.rewards.last_server_s
         return rollouts, rewards
 
-    @torch.no_grad()
-    def _forward_log_probs(self, model: torch.nn.Module, exp: Experience) -> torch.Tensor:
-        size = self.algorithm.micro_batch_size
-        out = torch.zeros(exp.action_mask.shape, device=self.device)  # (N, R)
-        for start in range(0, len(exp), size):
-            rows = torch.arange(start, min(start + size, len(exp)))
-            micro = exp.select(rows)
-            log_probs, _ = response_log_probs(
-                model, micro.sequences, micro.attention_mask, micro.num_actions
-            )
-            out[rows, : micro.num_actions] = log_probs.float()
-        return out
-
     def _make_experience(self, rows, rollouts, reward_batch, timings) -> Experience:
         n = self.rollout.n_samples
         sequences, attention_mask, action_mask = pack_rollouts(
@@ -249,8 +218,9 @@ class ReinforcePP(pl.LightningModule):
         rewards = A.clip_rewards(rewards, cfg.reward_clip)
         exp = Experience(sequences, attention_mask, action_mask, rewards).to(self.device)
         with self._timed(timings, "logprobs"):
-            exp.old_log_probs = self._forward_log_probs(self.policy, exp)
-            exp.ref_log_probs = self._forward_log_probs(self.reference, exp)
+            size = self.algorithm.micro_batch_size
+            exp.old_log_probs = experience_log_probs(self.policy, exp, size)
+            exp.ref_log_probs = experience_log_probs(self.reference, exp, size)
         self._advantages(exp)
         return exp
 
@@ -271,17 +241,6 @@ class ReinforcePP(pl.LightningModule):
         exp.advantages, exp.returns = out.advantages, out.returns
         self._advantage_stats = out.stats
 
-    def _check_same_work_on_every_rank(self, exp: Experience) -> None:
-        # FSDP all-gathers in every forward: ranks that ran different numbers of micro-batches
-        # would wait on each other forever. Equal rows per rank guarantee equal counts.
-        group = self._dp_group()
-        if group is None:
-            return
-        rows = torch.tensor([len(exp), -len(exp)], device=self.device)
-        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
-        if int(rows[0]) != -int(rows[1]):
-            raise RuntimeError(f"ranks hold different rollout batch sizes ({len(exp)} here)")
-
     def _update(self, exp: Experience) -> list[dict[str, torch.Tensor]]:
         cfg = self.algorithm
         opt = self.optimizers()
@@ -295,7 +254,7 @@ class ReinforcePP(pl.LightningModule):
                 f"rollout batch of {len(exp)} samples is not a multiple of mini_batch_size "
                 f"{cfg.mini_batch_size}: set data.batch_size × n_samples accordingly"
             )
-        self._check_same_work_on_every_rank(exp)
+        check_same_rows_on_every_rank(len(exp), group, self.device)
         steps = []
         for _ in range(cfg.epochs):
             for mini in exp.mini_batches(cfg.mini_batch_size, generator):
@@ -357,15 +316,7 @@ class ReinforcePP(pl.LightningModule):
 
     def _evaluate_batch(self, batch: list[PromptRow]) -> torch.Tensor:
         """Greedy responses to `batch`, scored: [reward sum, correct, verified, samples]."""
-        from rpp_lightning.generation.client import SamplingConfig
-
-        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.eval_max_new_tokens)
-        rollouts = self.servers.generation.generate(
-            [row.prompt_ids for row in batch], greedy, expected_version=self.weights_version
-        )
-        rewards = self.servers.score(batch, rollouts, 1)
-        verdicts = [c for c in rewards.correct if c is not None]
-        sums = [sum(rewards.total), sum(verdicts), len(verdicts), len(batch)]
+        sums = self.servers.evaluate(batch, self.eval_max_new_tokens, self.weights_version)
         return torch.tensor(sums, dtype=torch.float64, device=self.device)
 
     def _evaluate_all(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits
 from rpp_lightning.config import PolicyConfig
+from rpp_lightning.experience import Experience
 
 
 def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:
@@ -98,6 +99,20 @@ def response_log_probs(
     log_probs = log_probs_from_logits(logits, labels)  # (N, R)
     entropy = entropy_from_logits(logits) if with_entropy else None  # (N, R)
     return log_probs, entropy
+
+
+@torch.no_grad()
+def experience_log_probs(model: nn.Module, exp: Experience, micro_batch_size: int) -> Tensor:
+    """Log-probs (N, R) of every response token of `exp`, in micro-batches, without grad."""
+    out = torch.zeros(exp.action_mask.shape, device=exp.sequences.device)  # (N, R)
+    for start in range(0, len(exp), micro_batch_size):
+        rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
+        micro = exp.select(rows)
+        log_probs, _ = response_log_probs(
+            model, micro.sequences, micro.attention_mask, micro.num_actions
+        )  # (n, r) with r <= R: select() trims padding columns
+        out[rows, : micro.num_actions] = log_probs.float()
+    return out
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

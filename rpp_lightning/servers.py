@@ -151,6 +151,18 @@ class TrainerServers:
                     per_source[name][index] = values[position]
         return RewardBatch(total=total, per_source=per_source, correct=correct, infos=infos)
 
+    def evaluate(self, rows, max_new_tokens: int, version: int) -> list[float]:
+        """Greedy responses to `rows`, scored: [reward sum, correct, verified, samples]."""
+        from rpp_lightning.generation.client import SamplingConfig
+
+        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        rollouts = self.generation.generate(
+            [row.prompt_ids for row in rows], greedy, expected_version=version
+        )
+        rewards = self.score(rows, rollouts, 1)
+        verdicts = [c for c in rewards.correct if c is not None]
+        return [sum(rewards.total), sum(verdicts), len(verdicts), len(rows)]
+
     def stop(self) -> None:
         if self.rewards is not None:
             self.rewards.close()

@@ -1,12 +1,16 @@
-"""The loss of one micro-batch of a policy update (algorithm.md §5), model forward included."""
+"""The policy update's pieces: optimizer and LR schedule, the micro-batch loss (algorithm.md §5),
+and the cross-rank check that keeps FSDP collectives in step."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rpp_lightning import algorithms as A
-from rpp_lightning.config import AlgorithmConfig
+from rpp_lightning.config import AlgorithmConfig, OptimConfig
 from rpp_lightning.experience import Experience
 from rpp_lightning.policy import response_log_probs
 
@@ -60,3 +64,47 @@ def micro_batch_loss(
         loss = loss - algorithm.entropy_coef * mean_entropy
         stats["entropy"] = mean_entropy
     return loss, stats
+
+
+def build_optimizer(
+    policy: nn.Module, optim: OptimConfig, total_iterations: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters, and its schedule: linear warmup, then cosine down
+    to lr × min_lr_ratio. The scheduler is stepped once per iteration, not per optimizer step."""
+    opt = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    warmup = round(total_iterations * optim.warmup_ratio)
+    floor = optim.min_lr_ratio
+
+    def lr_factor(iteration: int) -> float:
+        if iteration < warmup:
+            return (iteration + 1) / (warmup + 1)
+        progress = min(1.0, (iteration - warmup) / max(1, total_iterations - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def check_same_rows_on_every_rank(
+    rows: int, group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """Raise unless every rank holds `rows` rollouts.
+
+    FSDP all-gathers in every forward: ranks that ran different numbers of micro-batches would
+    wait on each other forever. Equal rows per rank guarantee equal forward and step counts,
+    whatever the response lengths.
+    """
+    if group is None:
+        return
+    bounds = torch.tensor([rows, -rows], device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+    if int(bounds[0]) != -int(bounds[1]):
+        raise RuntimeError(
+            f"ranks hold different rollout batch sizes (max {int(bounds[0])}, "
+            f"min {-int(bounds[1])}, {rows} here)"
+        )
