@@ -137,15 +137,15 @@ class ReinforcePP(pl.LightningModule):
         is broadcast so that a failed push stops every rank instead of leaving them waiting.
         """
         state = full_state_dict(self.policy)
-        version = max(self.weights_version, self.servers.served_version()) + 1
-        error = None
-        if self.global_rank == 0:
+        version, error = None, None
+        if self.global_rank == 0:  # only rank 0 asks: another rank could see the new version
             try:
+                version = max(self.weights_version, self.servers.served_version()) + 1
                 dtype = self.servers.push_dtype(self.device.type)
                 self.servers.generation.push_weights(state, version, dtype=dtype)
             except Exception as exc:  # re-raised on every rank below
                 error = f"{type(exc).__name__}: {exc}"
-        error = self.trainer.strategy.broadcast(error, src=0)
+        version, error = self.trainer.strategy.broadcast((version, error), src=0)
         if error:
             raise RuntimeError(f"weight push of version {version} failed: {error}")
         self.weights_version = version
@@ -219,8 +219,9 @@ class ReinforcePP(pl.LightningModule):
         exp = Experience(sequences, attention_mask, action_mask, rewards).to(self.device)
         with self._timed(timings, "logprobs"):
             size = self.algorithm.micro_batch_size
-            exp.old_log_probs = experience_log_probs(self.policy, exp, size)
-            exp.ref_log_probs = experience_log_probs(self.reference, exp, size)
+            # π_old's entropy comes with its forward at little cost: logged every step (§7)
+            exp.old_log_probs, self._entropy = experience_log_probs(self.policy, exp, size, True)
+            exp.ref_log_probs, _ = experience_log_probs(self.reference, exp, size)
         self._advantages(exp)
         return exp
 
@@ -296,6 +297,7 @@ class ReinforcePP(pl.LightningModule):
         timings["step"] = time.perf_counter() - step_start
         metrics = rollout_metrics(exp, rollouts, reward_batch, self.rollout.max_new_tokens)
         metrics.update(update_metrics(steps))
+        metrics["entropy"] = A.masked_mean(self._entropy, exp.action_mask).item()
         metrics.update({f"adv/{k}": v for k, v in self._advantage_stats.items()})
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)

@@ -102,17 +102,23 @@ def response_log_probs(
 
 
 @torch.no_grad()
-def experience_log_probs(model: nn.Module, exp: Experience, micro_batch_size: int) -> Tensor:
-    """Log-probs (N, R) of every response token of `exp`, in micro-batches, without grad."""
+def experience_log_probs(
+    model: nn.Module, exp: Experience, micro_batch_size: int, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (N, R) of every response token of `exp`, in micro-batches, without grad; with
+    `with_entropy`, also the per-token entropy (N, R) of the model's distribution."""
     out = torch.zeros(exp.action_mask.shape, device=exp.sequences.device)  # (N, R)
+    entropy = torch.zeros_like(out) if with_entropy else None  # (N, R)
     for start in range(0, len(exp), micro_batch_size):
         rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
         micro = exp.select(rows)
-        log_probs, _ = response_log_probs(
-            model, micro.sequences, micro.attention_mask, micro.num_actions
+        log_probs, micro_entropy = response_log_probs(
+            model, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy
         )  # (n, r) with r <= R: select() trims padding columns
         out[rows, : micro.num_actions] = log_probs.float()
-    return out
+        if entropy is not None:
+            entropy[rows, : micro.num_actions] = micro_entropy.float()
+    return out, entropy
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

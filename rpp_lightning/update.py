@@ -62,7 +62,7 @@ def micro_batch_loss(
     if with_entropy:
         mean_entropy = A.masked_token_mean(entropy, micro.action_mask, num_action_tokens)
         loss = loss - algorithm.entropy_coef * mean_entropy
-        stats["entropy"] = mean_entropy
+        stats["entropy_bonus"] = mean_entropy
     return loss, stats
 
 
