@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,7 +76,8 @@ class ReinforcePP(pl.LightningModule):
                 the last iteration, and print "held-out accuracy X% → Y%".
             export_dir: where to write the trained policy in Hugging Face format
                 (`save_pretrained` + tokenizer) at the end; "auto": `<log dir>/hf_export`;
-                None: no export.
+                None: no export at the end. On request, `kill -USR1 <rank 0 pid>` exports
+                after the current iteration to `<log dir>/hf_export_iter<N>`.
             seed: seed of sampling and mini-batch shuffles.
         """
         super().__init__()
@@ -104,6 +107,7 @@ class ReinforcePP(pl.LightningModule):
         self.iteration = 0
         self.running_reward = A.RunningMeanStd()
         self._synced = False
+        self._export_requested = False
         self._val_sums: torch.Tensor | None = None
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -161,6 +165,9 @@ class ReinforcePP(pl.LightningModule):
         self._ensure_synced()
 
     def on_train_start(self) -> None:
+        # `kill -USR1 <pid of rank 0>` exports the policy after the current iteration
+        if self.global_rank == 0 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._on_export_signal)
         self._ensure_synced()
         if self.evaluate_before_after and self.accuracy_before is None:
             self.accuracy_before = self.evaluate()
@@ -307,6 +314,10 @@ class ReinforcePP(pl.LightningModule):
         self.iteration += 1
         if self.iteration >= self.rollout.max_iterations:
             self.trainer.should_stop = True
+        # an export asked for with SIGUSR1 (on rank 0) happens here, with every rank taking part
+        if self.trainer.strategy.broadcast(self._export_requested, src=0):
+            self._export_requested = False
+            self.export(self._export_path(f"hf_export_iter{self.iteration}"))
 
     def _log_metrics(self, metrics: dict[str, float | None]) -> None:
         reduced = reduce_metrics(metrics, self._dp_group(), self.device)
@@ -371,11 +382,15 @@ class ReinforcePP(pl.LightningModule):
         if self.export_dir is not None:
             self.export(self._export_path())
 
-    def _export_path(self) -> str:
-        if self.export_dir != "auto":
+    def _export_path(self, name: str = "hf_export") -> str:
+        if self.export_dir not in (None, "auto") and name == "hf_export":
             return self.export_dir
         root = self.trainer.log_dir or self.trainer.default_root_dir
-        return str(Path(root) / "hf_export")
+        return str(Path(root) / name)
+
+    def _on_export_signal(self, signum, frame) -> None:
+        log.info("export requested (SIGUSR1): after the current iteration")
+        self._export_requested = True
 
     def export(self, path: str) -> None:
         """Write the policy in Hugging Face format (every rank must call this under FSDP)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import ROOT, python_module
+from conftest import ROOT, python_module, wait_for
 from safetensors.torch import load_file
 
 from rpp_lightning.proto import generation_pb2, generation_pb2_grpc
@@ -205,3 +206,30 @@ def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> No
     (row,) = read_metrics(log_dir)
     assert math.isfinite(row["policy_loss"])
     assert served_version(servers["generation"]) == int(row["weights_version"])
+
+
+def test_export_on_request_with_sigusr1(servers, tmp_path) -> None:
+    start = served_version(servers["generation"])
+    argv = [
+        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", TINY,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--data.val_path", str(DATA / "val.jsonl"),
+        "--trainer.enable_progress_bar", "false",
+        *remote(servers, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, **ENV}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        # version start+2: the initial push and one iteration are done, so training is underway
+        assert wait_for(lambda: served_version(servers["generation"]) >= start + 2, 120)
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    (log_dir,) = (tmp_path / "runs" / "tiny" / "csv").iterdir()
+    exports = sorted(log_dir.glob("hf_export_iter*"))
+    assert len(exports) == 1, output[-4000:]
+    assert not (log_dir / "hf_export").exists()  # export_dir null: no export at the end
+    exported = load_weights(exports[0])
+    assert exported.keys() == load_weights(servers["model"]).keys()
