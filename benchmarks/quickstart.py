@@ -1,7 +1,7 @@
 """The quickstart's learning bar: held-out accuracy before → after, the curve, and the wall time.
 
-Runs the README's command as a subprocess, exactly as a newcomer would, from a scratch working
-directory so that repeated runs do not mix logs:
+Runs the README's command as a subprocess from the repository root, exactly as a newcomer
+would; its logs and plot land in a new runs/quickstart/csv/version_N (named in the result):
 
     python benchmarks/quickstart.py                       # rpp-train fit --config quickstart.yaml
     python benchmarks/quickstart.py -- --model.rollout.max_iterations 5   # extra CLI overrides
@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,13 +41,12 @@ def read_curve(log_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def run_quickstart(workdir: Path, overrides: list[str]) -> tuple[str, float, int]:
-    """Run the quickstart command in `workdir`; return (output, wall seconds, exit code)."""
+def run_quickstart(overrides: list[str]) -> tuple[str, float, int]:
+    """Run the quickstart command from the repository root; return (output, wall s, exit code)."""
     argv = [sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", str(CONFIG)]
     argv += ["--trainer.enable_progress_bar", "false", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    # the config's relative paths (assets/, data/) resolve against the repository root
     result = subprocess.run(
         argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=3600
     )
@@ -61,26 +59,21 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra rpp-train flags (after --)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="rpp-quickstart-bench-") as tmp:
-        root = Path(tmp) / "runs"
-        overrides = [
-            "--trainer.default_root_dir", str(root),
-            "--trainer.logger.0.init_args.save_dir", str(root),
-            "--trainer.logger.1.init_args.save_dir", str(root),
-            *args.overrides,
-        ]  # fmt: skip
-        output, wall_s, code = run_quickstart(Path(tmp), overrides)
-        if code != 0:
-            print(output[-6000:], file=sys.stderr)
-            print(json.dumps({"error": f"exit code {code}", "wall_s": round(wall_s, 1)}))
-            return 1
-        match = _BEFORE_AFTER.search(output)
-        if match is None:
-            print(output[-6000:], file=sys.stderr)
-            print(json.dumps({"error": "no 'held-out accuracy' line", "wall_s": wall_s}))
-            return 1
-        log_dir = sorted((root / "csv").iterdir())[-1]
-        curve = read_curve(log_dir)
+    logs = ROOT / "runs" / "quickstart" / "csv"  # where configs/quickstart.yaml logs
+    earlier = set(logs.iterdir()) if logs.exists() else set()
+    output, wall_s, code = run_quickstart(args.overrides)
+    if code != 0:
+        print(output[-6000:], file=sys.stderr)
+        print(json.dumps({"error": f"exit code {code}", "wall_s": round(wall_s, 1)}))
+        return 1
+    match = _BEFORE_AFTER.search(output)
+    new = sorted(set(logs.iterdir()) - earlier) if logs.exists() else []
+    if match is None or not new:
+        print(output[-6000:], file=sys.stderr)
+        print(json.dumps({"error": "no 'held-out accuracy' line or no new log directory"}))
+        return 1
+    log_dir = new[-1]
+    curve = read_curve(log_dir)
     print("step  " + "  ".join(f"{k:>15}" for k in CURVE_KEYS))
     for row in curve:
         cells = [f"{row[k]:15.3f}" if k in row else " " * 15 for k in CURVE_KEYS]
@@ -96,6 +89,7 @@ def main() -> int:
         "cpu_count": len(os.sched_getaffinity(0)),
         "load_avg_1m_at_start": round(load, 2),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        "log_dir": str(log_dir.relative_to(ROOT)),
     }
     print(json.dumps(result))
     return 0

@@ -111,7 +111,10 @@ class TrainingCurves(pl.Callback):
             steps, values = zip(*self.val_points, strict=True)
             accuracy.plot(steps, values, "o", color="tab:orange", label="held-out (greedy)")
         self._before_after(accuracy, pl_module)
-        accuracy.set_ylim(-0.02, 1.02)
+        # zoom on the data (a 7% → 15% climb is invisible on a 0-100% axis), capped at 100%
+        seen = [v for v in self.series["accuracy"] if math.isfinite(v)]
+        seen += [v for _, v in self.val_points]
+        accuracy.set_ylim(0.0, min(1.02, max(seen, default=0.9) + 0.1))
         accuracy.legend(loc="best", fontsize=8)
         for ax in axes[1]:
             ax.set_xlabel("iteration")
@@ -133,5 +136,5 @@ class TrainingCurves(pl.Callback):
             [before, after],
             "s",
             color="tab:red",
-            label=f"held-out before/after: {100 * before:.0f}% → {100 * after:.0f}%",
+            label=f"held-out before/after: {100 * before:.1f}% → {100 * after:.1f}%",
         )

@@ -79,8 +79,8 @@ class Tree:
 
     def poll(self) -> None:
         for pid, start in descendants(self.root).items():
-            if pid not in self.seen:
-                self.commands[pid] = cmdline(pid)
+            # re-read: between fork and exec a child has no (or its parent's) command line
+            self.commands[pid] = cmdline(pid) or self.commands.get(pid, "")
             self.seen[pid] = start
 
     def servers(self) -> list[str]:

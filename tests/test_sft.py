@@ -11,7 +11,7 @@ from conftest import ROOT
 
 from rpp_lightning.data import PromptRow
 from rpp_lightning.sft import IGNORE_INDEX, collate, sft_example
-from rpp_lightning.tasks.arithmetic import LEVELS, make_rows, write_splits
+from rpp_lightning.tasks.arithmetic import LEVELS, WORDINGS, make_rows, write_splits
 from rpp_lightning.tiny import build_tokenizer
 
 SFT_CONFIG = str(ROOT / "configs" / "sft_quickstart.yaml")
@@ -30,6 +30,14 @@ TINY_MODEL = {
 }
 
 
+def _expression(prompt: str) -> str:
+    for wording in WORDINGS:
+        head, tail = wording.split("{}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            return prompt[len(head) : len(prompt) - len(tail)]
+    raise AssertionError(f"{prompt!r} is in none of the wordings")
+
+
 def test_task_is_deterministic_and_held_out_is_disjoint(tmp_path):
     assert make_rows(50, seed=3) == make_rows(50, seed=3)
     assert make_rows(50, seed=3) != make_rows(50, seed=4)
@@ -37,14 +45,16 @@ def test_task_is_deterministic_and_held_out_is_disjoint(tmp_path):
     second = write_splits(tmp_path / "b", train=300, val=40, seed=0)
     for one, two in zip(first, second, strict=True):
         assert one.read_bytes() == two.read_bytes()
-    train = [json.loads(line) for line in first[0].read_text().splitlines()]
-    val = [json.loads(line) for line in first[1].read_text().splitlines()]
-    assert len(train) == 300 and len(val) == 40
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    sft, train, val = ([json.loads(line) for line in p.read_text().splitlines()] for p in first)
+    assert len(sft) == len(train) == 300 and len(val) == 40
+    assert all(row["prompt"].startswith("What is ") for row in sft)  # SFT sees one wording
+    assert {_expression(r["prompt"]) for r in sft} == {_expression(r["prompt"]) for r in train}
+    assert len({r["prompt"].split(" ")[0] for r in train + val}) > 2  # RL sees them all
+    held_out = {_expression(r["prompt"]) for r in val}
+    assert not held_out & {_expression(r["prompt"]) for r in train}
     assert {r["level"] for r in train} == set(LEVELS)
-    for row in train + val:  # the answer is the expression's value
-        expression = row["prompt"].removeprefix("What is ").removesuffix("?")
-        assert str(eval(expression)) == row["answer"]  # our own generated text
+    for row in sft + train + val:  # the answer is the expression's value
+        assert str(eval(_expression(row["prompt"]))) == row["answer"]  # our own generated text
 
 
 def test_committed_data_is_what_the_generator_writes(tmp_path):
@@ -77,13 +87,16 @@ def test_sft_cli_trains_and_writes_a_loadable_policy(tmp_path):
     from rpp_lightning.sft import cli_main
 
     out = tmp_path / "policy"
+    train = tmp_path / "train.jsonl"  # 30 steps × 64 rows: a slice of the task is enough
+    lines = (ROOT / "data" / "arithmetic" / "sft.jsonl").read_text().splitlines()[:2000]
+    train.write_text("\n".join(lines) + "\n")
     cli = cli_main(
         [
             "fit", "--config", SFT_CONFIG,
             "--model.policy.config", json.dumps(TINY_MODEL),
             "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
             "--model.out_dir", str(out),
-            "--data.train_path", str(ROOT / "data" / "arithmetic" / "train.jsonl"),
+            "--data.train_path", str(train),
             "--data.val_path", str(ROOT / "data" / "arithmetic" / "val.jsonl"),
             "--trainer.max_steps", "30",
             "--trainer.val_check_interval", "30",

@@ -6,10 +6,15 @@ Difficulty levels (the `level` column, which reward sources can route on):
   3  a × b with one-digit operands, or a + b + c
   4  (a + b) × c, a × b - c with small operands
 
-    python -m rpp_lightning.tasks.arithmetic --out data/arithmetic --train 4000 --val 200
+    python -m rpp_lightning.tasks.arithmetic --out data/arithmetic --train 20000 --val 200
 
 Rows: {"prompt": "What is 7 + 5?", "answer": "12", "level": 1}. The answer is the
 reference for the math verifier; responses are expected to end in \\boxed{answer}.
+
+Three splits, as in a real SFT → RL pipeline where RL prompts are not phrased like SFT data:
+  sft.jsonl    every problem asked one way, "What is 7 + 5?" (the quickstart policy's SFT data)
+  train.jsonl  the same problems asked in four wordings ("Calculate 7 + 5.", "7 + 5 = ?", ...)
+  val.jsonl    held-out problems (never in the other two), in the four wordings
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import random
 from pathlib import Path
 
 LEVELS = (1, 2, 3, 4)
+WORDINGS = ("What is {}?", "Calculate {}.", "{} = ?", "Compute: {}")
+"""How train and held-out problems are asked; the SFT split uses only the first."""
 
 
 def make_problem(rng: random.Random, level: int) -> tuple[str, int]:
@@ -57,30 +64,50 @@ def make_rows(count: int, seed: int, levels: tuple[int, ...] = LEVELS) -> list[d
     return rows
 
 
+def reword(rows: list[dict], seed: int, wordings: tuple[str, ...] = WORDINGS) -> list[dict]:
+    """The same problems, each asked in a wording drawn uniformly from `wordings`."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        expression = row["prompt"].removeprefix("What is ").removesuffix("?")
+        out.append({**row, "prompt": rng.choice(wordings).format(expression)})
+    return out
+
+
 def write_splits(
     out: str | Path, train: int, val: int, seed: int = 0, levels: tuple[int, ...] = LEVELS
-) -> tuple[Path, Path]:
-    """Write train.jsonl and val.jsonl (held-out prompts never appear in train)."""
+) -> tuple[Path, Path, Path]:
+    """Write sft.jsonl, train.jsonl and val.jsonl; held-out problems never appear in the others.
+
+    sft.jsonl asks every problem as "What is ...?"; train.jsonl asks the same problems and
+    val.jsonl the held-out ones in all of WORDINGS (so RL adapts the SFT policy to new wordings).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     val_rows = make_rows(val, seed + 1, levels)
     held_out = {row["prompt"] for row in val_rows}
-    train_rows, attempt = [], 0
-    while len(train_rows) < train:
+    sft_rows, attempt = [], 0
+    while len(sft_rows) < train:
         for row in make_rows(train, seed + 1000 + attempt, levels):
-            if row["prompt"] not in held_out and len(train_rows) < train:
-                train_rows.append(row)
+            if row["prompt"] not in held_out and len(sft_rows) < train:
+                sft_rows.append(row)
         attempt += 1
-    paths = out / "train.jsonl", out / "val.jsonl"
-    for path, rows in zip(paths, (train_rows, val_rows), strict=True):
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return paths
+    splits = {
+        "sft.jsonl": sft_rows,
+        "train.jsonl": reword(sft_rows, seed + 2),
+        "val.jsonl": reword(val_rows, seed + 3),
+    }
+    for name, rows in splits.items():
+        (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tuple(out / name for name in splits)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/arithmetic")
-    parser.add_argument("--train", type=int, default=4000)
+    # 20000 training rows: the quickstart's short SFT sees each about 1.6 times, so it learns the
+    # task rather than memorising prompts, and REINFORCE++ gains carry over to held-out prompts
+    parser.add_argument("--train", type=int, default=20000)
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
