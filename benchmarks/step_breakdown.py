@@ -24,23 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["generate", "score", "logprobs", "update", "weight_sync"]
 
 
-def run(iterations: int, extra: list[str]) -> list[dict[str, float]]:
+def run(config: str, iterations: int, extra: list[str]) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
+        # run from the repository (the config's relative paths), log into the temporary dir
+        logger = (
+            f"[{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp}}}}}]"
+        )
         argv = [
             sys.executable, "-m", "rpp_lightning.cli", "fit",
-            "--config", str(ROOT / "configs" / "tiny.yaml"),
-            "--data.train_path", str(ROOT / "data" / "arithmetic" / "train.jsonl"),
-            "--data.val_path", str(ROOT / "data" / "arithmetic" / "val.jsonl"),
-            "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
+            "--config", str(ROOT / config),
             "--model.rollout.max_iterations", str(iterations),
             "--trainer.val_check_interval", "null",
             "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", "[]",
+            "--trainer.logger", logger,
             "--model.export_dir", "null",
+            "--model.evaluate_before_after", "false",
             *extra,
         ]  # fmt: skip
-        subprocess.run(argv, cwd=tmp, check=True, capture_output=True, text=True)
-        (metrics,) = Path(tmp).glob("runs/tiny/csv/*/metrics.csv")
+        subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+        (metrics,) = Path(tmp).glob("lightning_logs/*/metrics.csv")
         with metrics.open() as f:
             rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
     return [r for r in rows if "time/step" in r]
@@ -48,10 +53,11 @@ def run(iterations: int, extra: list[str]) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml", help="relative to the repo")
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("extra", nargs="*", help="extra rpp-train overrides")
     args = parser.parse_args()
-    rows = run(args.iterations, args.extra)[1:]  # the first iteration warms up
+    rows = run(args.config, args.iterations, args.extra)[1:]  # the first iteration warms up
     # Per iteration first, then the median: medians of separate columns would not add up.
     for row in rows:
         row["transport"] = max(0.0, row["time/generate"] - row["time/generate_server"]) + max(
@@ -64,7 +70,7 @@ def main() -> None:
     median = {key: middle[f"time/{key}"] for key in [*PHASES, "step"]}
     transport, other = middle["transport"], middle["bookkeeping"]
     fractions = [r["overhead_fraction"] for r in rows]
-    print(f"the median iteration (by overhead) of {len(rows)} after 1 warm-up, configs/tiny.yaml")
+    print(f"the median iteration (by overhead) of {len(rows)} after 1 warm-up, {args.config}")
     for phase in PHASES:
         share = median[phase] / median["step"]
         print(f"  {phase:<12} {median[phase] * 1000:8.1f} ms  {100 * share:5.1f} %")
@@ -87,6 +93,7 @@ def main() -> None:
                 "overhead_fraction": middle["overhead_fraction"],
                 "overhead_fraction_max": max(fractions),
                 "iterations": len(rows),
+                "config": args.config,
             }
         )
     )

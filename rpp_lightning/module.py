@@ -144,7 +144,9 @@ class ReinforcePP(pl.LightningModule):
         version, error = None, None
         if self.global_rank == 0:  # only rank 0 asks: another rank could see the new version
             try:
-                version = max(self.weights_version, self.servers.served_version()) + 1
+                # after the first push the servers serve what we pushed: no need to ask again
+                served = self.servers.served_version() if not self._synced else 0
+                version = max(self.weights_version, served) + 1
                 dtype = self.servers.push_dtype(self.device.type)
                 self.servers.generation.push_weights(state, version, dtype=dtype)
             except Exception as exc:  # re-raised on every rank below
