@@ -370,7 +370,7 @@ class ReinforcePP(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._dp_group() is not None:
             dist.all_reduce(self._val_sums, group=self._dp_group())
-        self.val_accuracy = self._log_evaluation(self._val_sums, "val")
+        self._log_evaluation(self._val_sums, "val")
 
     def on_train_end(self) -> None:
         if self.evaluate_before_after:

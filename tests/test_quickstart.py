@@ -124,6 +124,15 @@ def small_val_set(tmp_path: Path, rows: int = 24) -> Path:
     return path
 
 
+def tiny_run(tmp_path: Path) -> list[str]:
+    """Overrides for a configs/tiny.yaml run from a temporary directory (local servers)."""
+    return [
+        "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
+        "--data.val_path", str(small_val_set(tmp_path, 8)),
+        "--trainer.callbacks", "[]",
+    ]  # fmt: skip
+
+
 def run_to_completion(proc: subprocess.Popen) -> tuple[Tree, str]:
     """Wait for a training run, remembering every process it started; return them and output."""
     tree = Tree(proc.pid)
@@ -169,9 +178,7 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(tmp_path, signum):
     proc = start_training(
         tmp_path,
         TINY,
-        "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
-        "--data.val_path", str(small_val_set(tmp_path, 8)),
-        "--trainer.callbacks", "[]",
+        *tiny_run(tmp_path),
         "--model.export_dir", "null",
         "--model.rollout.max_iterations", "100000",
     )  # fmt: skip
@@ -207,9 +214,7 @@ def test_no_orphans_when_training_fails(tmp_path):
     proc = start_training(
         tmp_path,
         TINY,
-        "--model.policy.tokenizer", str(ROOT / "assets" / "char_tokenizer"),
-        "--data.val_path", str(small_val_set(tmp_path, 8)),
-        "--trainer.callbacks", "[]",
+        *tiny_run(tmp_path),
         "--model.algorithm.mini_batch_size", "6",
         "--model.algorithm.micro_batch_size", "3",
         "--model.export_dir", "null",
