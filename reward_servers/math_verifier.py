@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import grpc
 
 from reward_servers.base import SampleInput, ScoreResult, Verifier
-from reward_servers.worker_pool import TIMED_OUT, DeadlinePassed, WorkerPool
+from reward_servers.worker_pool import TIMED_OUT, DeadlinePassed, PoolClosed, WorkerPool
 from rpp_lightning.serving import StatusError
 
 FALLBACKS = ("boxed", "answer_is", "last_number")
@@ -210,6 +210,8 @@ class MathVerifier(Verifier):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"deadline passed while verifying {len(samples)} samples ({exc})",
             ) from exc
+        except PoolClosed as exc:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from exc
         return [
             _killed_verdict(sample, self.fallbacks) if r == TIMED_OUT else r
             for sample, r in zip(samples, results, strict=True)

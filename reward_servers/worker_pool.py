@@ -16,7 +16,6 @@ worker takes milliseconds instead of re-importing sympy.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import queue
@@ -34,6 +33,10 @@ TIMED_OUT = "timed_out"
 
 class DeadlinePassed(Exception):
     """The caller's deadline passed before every task finished; pending tasks were dropped."""
+
+
+class PoolClosed(Exception):
+    """The pool was closed (the server is shutting down) before every task finished."""
 
 
 class WorkerCrashed(Exception):
@@ -63,33 +66,43 @@ def _worker_main(conn, fn: Callable[[Any], Any]) -> None:
 
 
 class _Slot:
-    """One worker process and the parent thread that owns it."""
+    """One worker process and the parent thread that owns it.
+
+    `lock` guards `process` and `conn`: the slot thread replaces a killed worker while `close()`
+    may be killing it from another thread, and a worker must never be started after close.
+    """
 
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
+        self.lock = threading.Lock()
         self.process = None
         self.conn = None
         self.thread = threading.Thread(target=self.run, name=f"worker-slot-{index}", daemon=True)
 
     def spawn(self) -> None:
-        parent_conn, child_conn = self.pool.context.Pipe()
-        process = self.pool.context.Process(
-            target=_worker_main,
-            args=(child_conn, self.pool.fn),
-            daemon=True,
-            name=f"reward-worker-{self.index}",
-        )
-        process.start()
-        child_conn.close()
-        self.process, self.conn = process, parent_conn
+        with self.lock:
+            if self.pool.closed:
+                raise PoolClosed("the pool is closed")
+            parent_conn, child_conn = self.pool.context.Pipe()
+            process = self.pool.context.Process(
+                target=_worker_main,
+                args=(child_conn, self.pool.fn),
+                daemon=True,
+                name=f"reward-worker-{self.index}",
+            )
+            process.start()
+            child_conn.close()
+            self.process, self.conn = process, parent_conn
 
     def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process = self.conn = None
+        with self.lock:
+            process, conn = self.process, self.conn
+            self.process = self.conn = None
+        if process is not None:
+            process.kill()
+            process.join()
+            conn.close()
 
     def run(self) -> None:
         while True:
@@ -98,19 +111,24 @@ class _Slot:
                 return
             future, task = item
             if not future.set_running_or_notify_cancel():
-                continue  # its request gave up (deadline); skip the work
+                continue  # its request gave up (deadline, shutdown); skip the work
             error: Exception | None = None
             try:
                 result = self.run_one(task)
             except TaskFailed as exc:  # the task's own error: the worker is fine
                 error = exc
             except Exception as exc:  # never let this thread die with a future unresolved
-                log.error("worker %d failed: %s; replacing it", self.index, exc)
+                if self.pool.closed:  # close() killed the worker under this task
+                    error = PoolClosed("the pool was closed while the task ran")
+                else:
+                    log.error("worker %d failed: %s; replacing it", self.index, exc)
+                    error = WorkerCrashed(f"worker process failed: {exc}")
                 self.kill()
-                error = WorkerCrashed(f"worker process failed: {exc}")
             if self.process is None and not self.pool.closed:
                 try:
                     self.spawn()  # replace it before answering: the next task finds it ready
+                except PoolClosed:
+                    pass
                 except Exception:
                     log.exception("worker %d could not restart; retrying on next task", self.index)
             if error is None:
@@ -122,14 +140,17 @@ class _Slot:
         """fn(task) in this slot's process; TIMED_OUT after killing it if it overruns."""
         if self.process is None:
             self.spawn()
-        self.conn.send(task)
-        if not self.conn.poll(self.pool.hard_timeout_s):
+        conn = self.conn
+        if conn is None:  # killed by close() since the line above
+            raise PoolClosed("the pool is closed")
+        conn.send(task)
+        if not conn.poll(self.pool.hard_timeout_s):
             log.warning(
                 "worker %d overran %.1fs: killed and replaced", self.index, self.pool.hard_timeout_s
             )
             self.kill()
             return TIMED_OUT
-        ok, value = self.conn.recv()  # EOFError if the process died (e.g. out of memory)
+        ok, value = conn.recv()  # EOFError if the process died (e.g. out of memory)
         if not ok:
             raise TaskFailed(value)
         return value
@@ -162,10 +183,11 @@ class WorkerPool:
         """Run `fn` on every task in parallel; results in order (TIMED_OUT for killed ones).
 
         Raises DeadlinePassed when `deadline_s` seconds pass first (queued tasks are dropped),
-        WorkerCrashed when a worker died, TaskFailed when `fn` raised.
+        PoolClosed when the pool is closed meanwhile, WorkerCrashed when a worker died,
+        TaskFailed when `fn` raised.
         """
         if self.closed:
-            raise RuntimeError("WorkerPool is closed")
+            raise PoolClosed("the pool is closed")
         pending = [futures.Future() for _ in tasks]
         for future, task in zip(pending, tasks, strict=True):
             self.tasks.put((future, task))
@@ -174,21 +196,27 @@ class WorkerPool:
             for future in not_done:
                 future.cancel()
             raise DeadlinePassed(f"{len(not_done)} of {len(tasks)} tasks unfinished")
+        if any(future.cancelled() for future in pending):  # close() dropped them from the queue
+            raise PoolClosed("the pool was closed before every task ran")
         return [future.result() for future in pending]
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the slot threads and their processes."""
+        """Stop now: queued tasks are cancelled and running ones killed (their callers get
+        PoolClosed). Called after the gRPC drain, when no caller is left to read a result."""
         if self.closed:
             return
         self.closed = True
-        for _ in self.slots:
+        while True:
+            try:
+                item = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+                item[0].set_running_or_notify_cancel()  # what wakes futures.wait() in map()
+        for slot in self.slots:
             self.tasks.put(None)
+            slot.kill()
         end = time.monotonic() + timeout_s
         for slot in self.slots:
             slot.thread.join(max(0.0, end - time.monotonic()))
-            if slot.conn is not None:
-                with contextlib.suppress(OSError):  # the worker may already be gone
-                    slot.conn.send(None)
-            if slot.process is not None:
-                slot.process.join(max(0.1, end - time.monotonic()))
-            slot.kill()

@@ -409,6 +409,22 @@ class GrpcServer:
         while not stop_requested.wait(0.5):
             pass
         self.stop()
+        # The drain is over, yet a handler whose client went away (its call was cancelled) may
+        # still be computing, and Python waits for handler threads at exit. Don't outlive the
+        # drain by more than this: an orchestrator that sent SIGTERM expects the process gone.
+        watchdog = threading.Timer(EXIT_AFTER_DRAIN_S, _exit_with_handlers_running)
+        watchdog.daemon = True
+        watchdog.start()
+
+
+EXIT_AFTER_DRAIN_S = 10.0
+"""After the SIGTERM drain, a server still held up by running handlers exits anyway (code 1)."""
+
+
+def _exit_with_handlers_running() -> None:
+    log.error("handlers still running %.0fs after the drain; exiting anyway", EXIT_AFTER_DRAIN_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import ROOT, python_module, wait_for
+from process_tree import Tree
 from reward_test_verifiers import request, reward_stub
 
 from rpp_lightning.proto import reward_pb2
@@ -123,6 +124,50 @@ def test_sigterm_finishes_in_flight_and_refuses_new_calls(start_server):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert in_flight.result().scores[0].reward == 4.0  # finished despite the SIGTERM
     assert server.proc.wait(30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_after_the_client_left_stops_the_abandoned_work(start_server):
+    """A trainer killed mid-Score leaves work nobody will read: SIGTERM must not wait for it."""
+    server = start_server(
+        python_module(CLI, "math", "--port", "0", "--verifier-args", "workers=1"), env=ENV
+    )
+    tree = Tree(server.proc.pid)
+    tree.poll()  # the fork server and the worker
+    slow = [(f"s{i}", r"\boxed{(10^{8})!}", "1") for i in range(4)]  # each runs 5 s, to timeout
+    with grpc.insecure_channel(server.address) as channel:
+        call = reward_stub(channel).Score.future(request(*slow), timeout=60)
+        time.sleep(1.0)
+        call.cancel()  # the client goes away, as a killed trainer's calls do
+    start = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.text
+    assert time.monotonic() - start < 5, server.text  # not the 20 s the queued samples need
+    assert "Traceback" not in server.text, server.text
+    assert len(tree.seen) >= 2 and wait_for(lambda: not tree.survivors(), 5), tree.survivors()
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_deaf_to_shutdown_cannot_keep_the_server_alive(start_server):
+    server = start_server(
+        python_module(
+            CLI,
+            "--verifier",
+            "reward_test_verifiers:SleepyLength",
+            "--verifier-args",
+            "sleep_s=120",
+            "--port",
+            "0",
+        ),
+        env=ENV,
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        call = reward_stub(channel).Score.future(request(("slow", "abcd", "")), timeout=60)
+        time.sleep(0.5)
+        call.cancel()
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 1, server.text
+    assert "handlers still running 10s after the drain; exiting anyway" in server.text
 
 
 _NO_TORCH = '''

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent import futures
 
 import pytest
 from reward_test_verifiers import pool_task
@@ -10,6 +11,7 @@ from reward_test_verifiers import pool_task
 from reward_servers.worker_pool import (
     TIMED_OUT,
     DeadlinePassed,
+    PoolClosed,
     TaskFailed,
     WorkerCrashed,
     WorkerPool,
@@ -59,3 +61,21 @@ def test_deadline_drops_queued_tasks(pool):
     start = time.monotonic()
     assert pool.map(["i", "j"], deadline_s=5) == ["I", "J"]
     assert time.monotonic() - start < 0.3
+
+
+@pytest.mark.timeout(60)
+def test_close_cancels_queued_tasks_and_kills_running_ones():
+    pool = WorkerPool(pool_task, workers=2, hard_timeout_s=30.0, preload=["reward_test_verifiers"])
+    processes = [slot.process for slot in pool.slots]
+    with futures.ThreadPoolExecutor(1) as caller:
+        call = caller.submit(pool.map, ["sleep:20"] * 5)
+        time.sleep(0.5)  # two tasks running, three queued
+        start = time.monotonic()
+        pool.close()
+        with pytest.raises(PoolClosed):
+            call.result(timeout=10)
+        assert time.monotonic() - start < 3
+    assert not any(process.is_alive() for process in processes)
+    assert all(slot.process is None and not slot.thread.is_alive() for slot in pool.slots)
+    with pytest.raises(PoolClosed):
+        pool.map(["a"])
