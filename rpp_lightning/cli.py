@@ -11,7 +11,15 @@ docstrings, and `rpp-train fit --print_config` shows the resolved configuration.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Before torch loads OpenMP (it reads this once): after each parallel region libgomp's threads
+# spin for 300k iterations by default, holding cores that the generation and reward servers
+# next to the trainer need (the embedded default on CPU). Measured with
+# benchmarks/step_breakdown.py on 2 cores: the weight push ~2x faster, compute no slower.
+# Set GOMP_SPINCOUNT yourself to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from lightning.pytorch.cli import LightningCLI
 

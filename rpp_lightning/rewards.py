@@ -7,6 +7,7 @@ reward is the weighted sum over those sources, and each source's reward is kept 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rpp_lightning.channels import open_channel
+from rpp_lightning.channels import open_channel, start_calls
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.serving import server_seconds
@@ -120,16 +121,15 @@ class RewardClient:
         correct: list[bool | None] = [None] * n
         infos: list[dict[str, str]] = [{} for _ in range(n)]
         routed_anywhere = [False] * n
-        futures = []
+        sources, thunks = [], []
         for index, source in enumerate(self.sources):
             rows = self._routed(source, queries)
             for row in rows:
                 routed_anywhere[row] = True
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows[start : start + _CHUNK]
-                futures.append(
-                    (source, self._pool.submit(self._score_chunk, index, queries, chunk))
-                )
+                sources.append(source)
+                thunks.append(functools.partial(self._score_chunk, index, queries, chunk))
         missing = [i for i, routed in enumerate(routed_anywhere) if not routed]
         if missing:
             raise ValueError(
@@ -137,7 +137,7 @@ class RewardClient:
                 f"metadata {queries[missing[0]].metadata}); check route_column/route_values"
             )
         self.last_server_s = 0.0
-        for source, future in futures:
+        for source, future in zip(sources, start_calls(self._pool, thunks), strict=True):
             rows, scores, server_s = future.result()
             # calls run in parallel: the slowest one's server time bounds the phase
             self.last_server_s = max(self.last_server_s, server_s)

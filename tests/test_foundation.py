@@ -60,3 +60,23 @@ def test_console_scripts_give_help(script: str) -> None:
     result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def test_start_calls_runs_a_lone_call_here_and_several_in_parallel() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rpp_lightning.channels import start_calls
+
+    def fail() -> None:
+        raise ValueError("bad call")
+
+    with ThreadPoolExecutor(2) as pool:
+        (lone,) = start_calls(pool, [threading.get_ident])
+        assert lone.result() == threading.get_ident()  # no thread hop for a single call
+        (failed,) = start_calls(pool, [fail])
+        with pytest.raises(ValueError, match="bad call"):
+            failed.result()
+        barrier = threading.Barrier(2, timeout=10)  # both must run at once to pass it
+        both = start_calls(pool, [barrier.wait, barrier.wait])
+        assert sorted(call.result() for call in both) == [0, 1]

@@ -60,7 +60,10 @@ def test_encoding_round_trips_every_dtype_across_chunks() -> None:
         "g": torch.randn(3, 5).t(),  # not contiguous: sent in logical order
     }
     requests = list(iter_update_requests(tensors.items(), target_version=4, chunk_bytes=24))
-    assert sum(r.WhichOneof("item") == "chunk" for r in requests) > len(tensors)  # split up
+    messages = [r.chunks.chunks for r in requests if r.WhichOneof("item") == "chunks"]
+    assert sum(map(len, messages)) > len(tensors)  # the larger tensors are split up
+    assert all(sum(len(chunk.data) for chunk in m) <= 24 for m in messages)
+    assert any(len({chunk.name for chunk in m}) > 1 for m in messages)  # small ones share
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     update = WeightsAssembler(expected, current_version=3).assemble(requests)
     assert update.target_version == 4
@@ -69,9 +72,22 @@ def test_encoding_round_trips_every_dtype_across_chunks() -> None:
         assert torch.equal(update.tensors[name], tensor), name
 
 
+def test_a_small_model_travels_in_one_message_between_header_and_commit() -> None:
+    tensors = {f"layer{i}.norm": torch.ones(64) for i in range(50)} | {"w": torch.randn(64, 64)}
+    requests = list(iter_update_requests(tensors.items(), target_version=1))
+    assert [r.WhichOneof("item") for r in requests] == ["header", "chunks", "commit"]
+    assert len(requests[1].chunks.chunks) == len(tensors)
+
+
 def _stream(*items) -> list[pb.UpdateWeightsRequest]:
-    kinds = {"header": pb.WeightsHeader, "chunk": pb.TensorChunk, "commit": pb.WeightsCommit}
-    return [pb.UpdateWeightsRequest(**{kind: kinds[kind](**fields)}) for kind, fields in items]
+    """Requests from (kind, fields) pairs; each "chunk" goes in a message of its own."""
+    kinds = {"header": pb.WeightsHeader, "commit": pb.WeightsCommit}
+    return [
+        pb.UpdateWeightsRequest(chunks=pb.TensorChunks(chunks=[pb.TensorChunk(**fields)]))
+        if kind == "chunk"
+        else pb.UpdateWeightsRequest(**{kind: kinds[kind](**fields)})
+        for kind, fields in items
+    ]
 
 
 F32 = pb.TENSOR_DTYPE_FLOAT32

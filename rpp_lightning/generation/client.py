@@ -20,6 +20,7 @@ would fail again, and a stale version is the caller's to handle.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from rpp_lightning.channels import ChannelConfig, open_channel, wait_until_serving
+from rpp_lightning.channels import ChannelConfig, open_channel, start_calls, wait_until_serving
 from rpp_lightning.generation.backend import mix_seed
 from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
@@ -152,17 +153,18 @@ class GenerationClient:
     def server_info(self) -> list[pb.GenerationServerInfo]:
         """GetInfo of every replica, in address order."""
         deadline = time.monotonic() + min(self.timeout_s, 60.0)
-        calls = [
-            self._pool.submit(
-                self._with_retries,
-                i,
-                deadline,
-                lambda stub, t: stub.GetInfo(
-                    pb.GenerationInfoRequest(), timeout=t, metadata=self._metadata
-                ),
-            )
-            for i in range(len(self._stubs))
-        ]
+        request = pb.GenerationInfoRequest()
+
+        def get_info(stub, timeout: float) -> pb.GenerationServerInfo:
+            return stub.GetInfo(request, timeout=timeout, metadata=self._metadata)
+
+        calls = start_calls(
+            self._pool,
+            [
+                functools.partial(self._with_retries, i, deadline, get_info)
+                for i in range(len(self._stubs))
+            ],
+        )
         return [call.result() for call in calls]
 
     # --- generation ------------------------------------------------------------------------
@@ -188,15 +190,15 @@ class GenerationClient:
         base = mix_seed(sampling.seed) if sampling.seed is not None else secrets.randbits(63)
         deadline = time.monotonic() + self.timeout_s
         pieces = self._split(len(prompts))
-        calls = []
+        thunks = []
         for number, (start, stop) in enumerate(pieces):
             request = pb.GenerateRequest(
                 prompts=[pb.Prompt(id=str(i), token_ids=prompts[i]) for i in range(start, stop)],
                 sampling=_sampling_proto(sampling, (base + prompt_offset + start) & _MASK64),
                 required_weights_version=expected,
             )
-            calls.append(
-                self._pool.submit(
+            thunks.append(
+                functools.partial(
                     self._with_retries,
                     number % len(self._stubs),
                     deadline,
@@ -205,6 +207,7 @@ class GenerationClient:
                     ),
                 )
             )
+        calls = start_calls(self._pool, thunks)
         rollouts = []
         self.last_server_s = 0.0
         for (start, stop), call in zip(pieces, calls, strict=True):
@@ -276,10 +279,13 @@ class GenerationClient:
 
     def _push(self, stream: Callable[[], Iterator[pb.UpdateWeightsRequest]], version: int) -> None:
         deadline = time.monotonic() + self.timeout_s
-        calls = [
-            self._pool.submit(self._push_one, i, stream, version, deadline)
-            for i in range(len(self._stubs))
-        ]
+        calls = start_calls(
+            self._pool,
+            [
+                functools.partial(self._push_one, i, stream, version, deadline)
+                for i in range(len(self._stubs))
+            ],
+        )
         failures = []
         for address, call in zip(self.addresses, calls, strict=True):
             try:

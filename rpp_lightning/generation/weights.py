@@ -1,9 +1,10 @@
 """The one wire encoding of weights, shared by the client (sender) and the server (receiver).
 
-A weight update is a client stream: one `WeightsHeader` (target version), `TensorChunk`s (raw
-little-endian C-contiguous bytes with dtype and shape; a tensor larger than `chunk_bytes` spans
-several consecutive chunks with increasing offsets), then one `WeightsCommit` repeating how many
-tensors and bytes were sent, so a truncated stream is detected rather than half-applied. Never
+A weight update is a client stream: one `WeightsHeader` (target version), messages of
+`TensorChunks` (raw little-endian C-contiguous bytes with dtype and shape; small tensors share a
+message, a tensor larger than the room left in one spans consecutive chunks with increasing
+offsets), then one `WeightsCommit` repeating how many tensors and bytes were sent, so a
+truncated stream is detected rather than half-applied. Never
 pickle: bytes become tensors with `torch.frombuffer`.
 
     requests = iter_update_requests(model.state_dict().items(), target_version=3)
@@ -23,7 +24,8 @@ from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.serving import invalid_argument
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-"""4 MiB: far below gRPC's message limit, large enough that per-message overhead is small."""
+"""Tensor bytes per stream message: far below gRPC's message limit, large enough that the
+per-message cost (about 0.15 ms through both gRPC stacks) is small next to moving the bytes."""
 
 _TO_WIRE = {
     torch.float32: pb.TENSOR_DTYPE_FLOAT32,
@@ -65,15 +67,17 @@ def iter_update_requests(
     target_version: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[pb.UpdateWeightsRequest]:
-    """Header, chunks, commit for `named_tensors` (CPU tensors; others are copied to CPU).
+    """Header, chunk messages of at most `chunk_bytes` data each, commit (CPU tensors; others
+    are copied to CPU).
 
-    Tensors are read lazily, one chunk at a time, so streaming to several replicas from the same
-    CPU tensors costs one chunk of extra memory per replica.
+    Tensors are read lazily, one message at a time, so streaming to several replicas from the
+    same CPU tensors costs one message of extra memory per replica.
     """
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be >= 1")
     yield pb.UpdateWeightsRequest(header=pb.WeightsHeader(target_version=target_version))
     num_tensors = num_bytes = 0
+    request, room = pb.UpdateWeightsRequest(), chunk_bytes  # filled in place: no copies
     for name, tensor in named_tensors:
         tensor = tensor.detach().to("cpu").contiguous()
         wire = dtype_to_wire(tensor.dtype)
@@ -81,17 +85,21 @@ def iter_update_requests(
         shape = list(tensor.shape)
         offset = 0
         while True:  # at least one chunk, so empty tensors are announced too
-            piece = data[offset : offset + chunk_bytes]
-            yield pb.UpdateWeightsRequest(
-                chunk=pb.TensorChunk(
-                    name=name, dtype=wire, shape=shape, offset=offset, data=piece.tobytes()
-                )
+            piece = data[offset : offset + room]
+            request.chunks.chunks.add(
+                name=name, dtype=wire, shape=shape, offset=offset, data=piece.tobytes()
             )
             offset += len(piece)
+            room -= len(piece)
+            if room <= 0:
+                yield request
+                request, room = pb.UpdateWeightsRequest(), chunk_bytes
             if offset >= len(data):
                 break
         num_tensors += 1
         num_bytes += len(data)
+    if request.chunks.chunks:
+        yield request
     yield pb.UpdateWeightsRequest(
         commit=pb.WeightsCommit(num_tensors=num_tensors, num_bytes=num_bytes)
     )
@@ -168,11 +176,12 @@ class WeightsAssembler:
                     dtype, shape = self.expected[name]
                     update.tensors[name] = _from_bytes(buffer, dtype, shape)
                 return update
-            if kind != "chunk":
+            if kind != "chunks":
                 raise invalid_argument(f"unexpected {kind or 'empty message'} inside the stream")
             if update.safetensors_dir:
                 raise invalid_argument("a stream with safetensors_dir must not carry chunks")
-            current = self._add_chunk(request.chunk, current, buffers, filled)
+            for chunk in request.chunks.chunks:
+                current = self._add_chunk(chunk, current, buffers, filled)
         raise invalid_argument("the UpdateWeights stream ended without a WeightsCommit")
 
     def _add_chunk(self, chunk, current, buffers, filled) -> str:

@@ -131,15 +131,21 @@ class WeightsCommit(_message.Message):
     num_bytes: int
     def __init__(self, num_tensors: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
 
+class TensorChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("header", "chunk", "commit")
+    __slots__ = ("header", "chunks", "commit")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     header: WeightsHeader
-    chunk: TensorChunk
+    chunks: TensorChunks
     commit: WeightsCommit
-    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[WeightsCommit, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunks: _Optional[_Union[TensorChunks, _Mapping]] = ..., commit: _Optional[_Union[WeightsCommit, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("weights_version", "num_tensors", "num_bytes")
