@@ -169,8 +169,8 @@ def start_calls(pool: Executor, calls: Sequence[Callable[[], T]]) -> list[Future
     """Start blocking calls in parallel on `pool`; a lone call runs right here instead.
 
     The common case is one call (one replica, one batch). Handing it to a pool thread and
-    waiting for it costs two thread wake-ups, about a millisecond on a CPU busy with the
-    trainer's compute threads, more than the loopback round trip itself.
+    waiting for it costs two thread wake-ups, which on a CPU busy with the trainer's compute
+    threads can take longer than the loopback round trip itself.
     """
     if len(calls) != 1:
         return [pool.submit(call) for call in calls]

@@ -4,8 +4,8 @@ A weight update is a client stream: one `WeightsHeader` (target version), messag
 `TensorChunks` (raw little-endian C-contiguous bytes with dtype and shape; small tensors share a
 message, a tensor larger than the room left in one spans consecutive chunks with increasing
 offsets), then one `WeightsCommit` repeating how many tensors and bytes were sent, so a
-truncated stream is detected rather than half-applied. Never
-pickle: bytes become tensors with `torch.frombuffer`.
+truncated stream is detected rather than half-applied. Never pickle: bytes become tensors with
+`torch.frombuffer`.
 
     requests = iter_update_requests(model.state_dict().items(), target_version=3)
     update = WeightsAssembler(expected_shapes, current_version=2).assemble(requests)
@@ -25,7 +25,8 @@ from rpp_lightning.serving import invalid_argument
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 """Tensor bytes per stream message: far below gRPC's message limit, large enough that the
-per-message cost (about 0.15 ms through both gRPC stacks) is small next to moving the bytes."""
+per-message cost (about 0.1 ms through both gRPC stacks on loopback) is small next to moving
+the bytes."""
 
 _TO_WIRE = {
     torch.float32: pb.TENSOR_DTYPE_FLOAT32,
@@ -77,7 +78,7 @@ def iter_update_requests(
         raise ValueError("chunk_bytes must be >= 1")
     yield pb.UpdateWeightsRequest(header=pb.WeightsHeader(target_version=target_version))
     num_tensors = num_bytes = 0
-    request, room = pb.UpdateWeightsRequest(), chunk_bytes  # filled in place: no copies
+    request, room = pb.UpdateWeightsRequest(), chunk_bytes
     for name, tensor in named_tensors:
         tensor = tensor.detach().to("cpu").contiguous()
         wire = dtype_to_wire(tensor.dtype)
