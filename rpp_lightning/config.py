@@ -112,7 +112,8 @@ class RolloutConfig:
     max_new_tokens: int = 256
     """Longest response."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature; the trainer's log-probs (π_old, π_ref, the loss) use the same one,
+    so the policy gradient is taken for the distribution the rollouts came from."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     top_k: int = 0
@@ -128,6 +129,8 @@ class RolloutConfig:
             problems.append(f"n_samples must be >= 1, got {self.n_samples}")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0 (RL samples), got {self.temperature}")
         if self.max_iterations < 1:
             problems.append(f"max_iterations must be >= 1, got {self.max_iterations}")
         _raise_all("rollout", problems)

@@ -229,8 +229,9 @@ class ReinforcePP(pl.LightningModule):
         with self._timed(timings, "logprobs"):
             size = self.algorithm.micro_batch_size
             # π_old's entropy comes with its forward at little cost: logged every step (§7)
-            exp.old_log_probs, self._entropy = experience_log_probs(self.policy, exp, size, True)
-            exp.ref_log_probs, _ = experience_log_probs(self.reference, exp, size)
+            t = self.rollout.temperature  # the distribution the servers sampled from
+            exp.old_log_probs, self._entropy = experience_log_probs(self.policy, exp, size, True, t)
+            exp.ref_log_probs, _ = experience_log_probs(self.reference, exp, size, False, t)
         self._advantages(exp)
         return exp
 
@@ -277,7 +278,12 @@ class ReinforcePP(pl.LightningModule):
                 sums: dict[str, torch.Tensor] = {}
                 for micro in mini.micro_batches(cfg.micro_batch_size):
                     loss, stats = micro_batch_loss(
-                        self.policy, micro, tokens, self.algorithm, self.estimator
+                        self.policy,
+                        micro,
+                        tokens,
+                        self.algorithm,
+                        self.estimator,
+                        self.rollout.temperature,
                     )
                     self.manual_backward(loss * world)
                     for key, value in stats.items():

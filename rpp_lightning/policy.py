@@ -82,8 +82,10 @@ def response_log_probs(
     attention_mask: Tensor,
     num_actions: int,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs (and optionally entropy) of the last `num_actions` tokens of each sequence.
+    """Log-probs (and optionally entropy) of the last `num_actions` tokens of each sequence,
+    under the model's distribution at `temperature` (the one the responses were sampled from).
 
     sequences (N, L) are left-padded prompts followed by right-padded responses; the response
     occupies the last `num_actions` columns. Position ids skip the left padding so the model sees
@@ -95,6 +97,8 @@ def response_log_probs(
     ).logits  # (N, L, V)
     # the token at position t is predicted by the logits at t-1
     logits = logits[:, -num_actions - 1 : -1]  # (N, R, V); log-softmax runs in fp32 inside
+    if temperature != 1.0:
+        logits = logits / temperature
     labels = sequences[:, -num_actions:]  # (N, R)
     log_probs = log_probs_from_logits(logits, labels)  # (N, R)
     entropy = entropy_from_logits(logits) if with_entropy else None  # (N, R)
@@ -103,17 +107,26 @@ def response_log_probs(
 
 @torch.no_grad()
 def experience_log_probs(
-    model: nn.Module, exp: Experience, micro_batch_size: int, with_entropy: bool = False
+    model: nn.Module,
+    exp: Experience,
+    micro_batch_size: int,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs (N, R) of every response token of `exp`, in micro-batches, without grad; with
-    `with_entropy`, also the per-token entropy (N, R) of the model's distribution."""
+    """Log-probs (N, R) of every response token of `exp` at `temperature`, in micro-batches,
+    without grad; with `with_entropy`, also the per-token entropy (N, R) of that distribution."""
     out = torch.zeros(exp.action_mask.shape, device=exp.sequences.device)  # (N, R)
     entropy = torch.zeros_like(out) if with_entropy else None  # (N, R)
     for start in range(0, len(exp), micro_batch_size):
         rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
         micro = exp.select(rows)
         log_probs, micro_entropy = response_log_probs(
-            model, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy
+            model,
+            micro.sequences,
+            micro.attention_mask,
+            micro.num_actions,
+            with_entropy,
+            temperature,
         )  # (n, r) with r <= R: select() trims padding columns
         out[rows, : micro.num_actions] = log_probs.float()
         if entropy is not None:

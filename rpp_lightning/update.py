@@ -21,8 +21,10 @@ def micro_batch_loss(
     num_action_tokens: torch.Tensor,
     algorithm: AlgorithmConfig,
     estimator: A.AdvantageEstimatorSpec,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip loss (+ KL loss for estimators that put KL there, − entropy bonus) of `micro`.
+    """PPO-clip loss (+ KL loss for estimators that put KL there, − entropy bonus) of `micro`,
+    with log-probs at the sampling `temperature` (as π_old's were).
 
     Every term is a sum over this micro-batch's action tokens divided by `num_action_tokens`,
     the mini-batch's token count over all ranks, so summing micro-batch gradients (and averaging
@@ -30,7 +32,7 @@ def micro_batch_loss(
     """
     with_entropy = algorithm.entropy_coef > 0
     log_probs, entropy = response_log_probs(
-        policy, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy
+        policy, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy, temperature
     )  # (n, R)
     out = A.policy_loss(
         log_probs,

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 from rpp_lightning.cli import cli_main
-from rpp_lightning.config import RewardSource
+from rpp_lightning.config import RewardSource, RolloutConfig
 from rpp_lightning.data import PromptDataModule, ResumableSampler, read_rows
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.rewards import RewardClient, RewardQuery
@@ -90,6 +90,46 @@ def test_group_estimator_with_one_sample_is_refused(tmp_path, monkeypatch) -> No
     args += ["--model.algorithm.advantage_estimator", "grpo", "--model.rollout.n_samples", "1"]
     with pytest.raises(ValueError, match=r"grpo.*n_samples >= 2"):
         cli_main(args, run=False)
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature(tmp_path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from rpp_lightning.policy import response_log_probs
+    from rpp_lightning.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_llama_config())
+    exp = _experience()
+    logits = policy(input_ids=exp.sequences, attention_mask=exp.attention_mask).logits
+    # the left padding shifts positions: compare the rows without it (prompt 0, 3 tokens)
+    row, prompt = 0, exp.sequences.shape[1] - exp.num_actions
+    R = exp.num_actions
+    for temperature in (1.0, 0.5, 2.0):
+        expected = torch.log_softmax(logits[row, prompt - 1 : prompt - 1 + R] / temperature, -1)
+        expected = expected.gather(-1, exp.sequences[row, prompt:, None])[:, 0]
+        got, _ = response_log_probs(
+            policy, exp.sequences, exp.attention_mask, R, temperature=temperature
+        )
+        assert torch.allclose(got[row], expected, atol=1e-5), temperature
+    # the loss takes them at the configured temperature: T = 2 gives another ratio than T = 1
+    module = _module(tmp_path, monkeypatch, "reinforce_pp")
+    module._advantages(exp)
+    exp.old_log_probs = (
+        response_log_probs(policy, exp.sequences, exp.attention_mask, R, temperature=2.0)[
+            0
+        ].detach()
+        * exp.action_mask
+    )
+    tokens = exp.action_mask.sum().float()
+    at = {
+        t: micro_batch_loss(policy, exp, tokens, module.algorithm, module.estimator, t)[1]["ratio"]
+        for t in (1.0, 2.0)
+    }
+    assert torch.allclose(at[2.0], torch.tensor(1.0), atol=1e-5)  # on-policy: ratio 1
+    assert not torch.allclose(at[1.0], torch.tensor(1.0), atol=1e-3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RolloutConfig(temperature=0.0).validate()
 
 
 def test_sampler_shards_match_one_process_and_resume() -> None:
