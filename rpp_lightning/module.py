@@ -229,9 +229,13 @@ class ReinforcePP(pl.LightningModule):
         with self._timed(timings, "logprobs"):
             size = self.algorithm.micro_batch_size
             # π_old's entropy comes with its forward at little cost: logged every step (§7)
-            t = self.rollout.temperature  # the distribution the servers sampled from
-            exp.old_log_probs, self._entropy = experience_log_probs(self.policy, exp, size, True, t)
-            exp.ref_log_probs, _ = experience_log_probs(self.reference, exp, size, False, t)
+            temperature = self.rollout.temperature  # the distribution the servers sampled
+            exp.old_log_probs, self._entropy = experience_log_probs(
+                self.policy, exp, size, True, temperature
+            )
+            exp.ref_log_probs, _ = experience_log_probs(
+                self.reference, exp, size, False, temperature
+            )
         self._advantages(exp)
         return exp
 
