@@ -98,20 +98,15 @@ def test_user_verifier_with_args_token_and_log_lines(start_server):
     assert token not in server.text
 
 
+def start_sleepy_server(start_server, sleep_s: float):
+    """A reward server whose verifier sleeps `sleep_s` per batch (a slow scorer of known speed)."""
+    argv = ["--verifier", "reward_test_verifiers:SleepyLength", "--verifier-args"]
+    return start_server(python_module(CLI, *argv, f"sleep_s={sleep_s}", "--port", "0"), env=ENV)
+
+
 @pytest.mark.timeout(60)
 def test_sigterm_finishes_in_flight_and_refuses_new_calls(start_server):
-    server = start_server(
-        python_module(
-            CLI,
-            "--verifier",
-            "reward_test_verifiers:SleepyLength",
-            "--verifier-args",
-            "sleep_s=2.0",
-            "--port",
-            "0",
-        ),
-        env=ENV,
-    )
+    server = start_sleepy_server(start_server, sleep_s=2.0)
     with grpc.insecure_channel(server.address) as channel:
         stub = reward_stub(channel)
         stub.GetInfo(reward_pb2.GetInfoRequest(), timeout=10)  # connected
@@ -149,18 +144,7 @@ def test_sigterm_after_the_client_left_stops_the_abandoned_work(start_server):
 
 @pytest.mark.timeout(60)
 def test_a_handler_deaf_to_shutdown_cannot_keep_the_server_alive(start_server):
-    server = start_server(
-        python_module(
-            CLI,
-            "--verifier",
-            "reward_test_verifiers:SleepyLength",
-            "--verifier-args",
-            "sleep_s=120",
-            "--port",
-            "0",
-        ),
-        env=ENV,
-    )
+    server = start_sleepy_server(start_server, sleep_s=120)
     with grpc.insecure_channel(server.address) as channel:
         call = reward_stub(channel).Score.future(request(("slow", "abcd", "")), timeout=60)
         time.sleep(0.5)
