@@ -4,16 +4,20 @@
 
 Runs `rpp-train fit --config configs/tiny.yaml` (local generation and math reward servers, real
 gRPC) in a temporary directory, reads the per-phase timings the trainer logs every step, and
-reports medians over the iterations after the first (warm-up). Overhead is everything that is not
-model or reward compute: transport and serialisation of the generate and score calls (the
-caller's wall time minus the time the server reports in its `rpp-server-ms` trailer), the weight
-push, and the trainer's own bookkeeping between phases. The last line is one JSON object.
+reports medians over the iterations after the first (warm-up). An iteration is measured whole,
+from one training step's start to the next (`time/previous_iteration`): the phases, the logging of
+its metrics, callbacks and Lightning's loop. Overhead is everything in it that is not model or
+reward compute: transport and serialisation of the generate and score calls (the caller's wall
+time minus the time the server reports in its `rpp-server-ms` trailer), the weight push, and the
+trainer's bookkeeping (between phases, logging, Lightning's loop). The last line is one JSON
+object.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -57,29 +61,39 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("extra", nargs="*", help="extra rpp-train overrides")
     args = parser.parse_args()
-    rows = run(args.config, args.iterations, args.extra)[1:]  # the first iteration warms up
+    rows = run(args.config, args.iterations, args.extra)
+    # Row k + 1 carries iteration k's whole wall time; the first iteration warms up.
+    for row, later in itertools.pairwise(rows):
+        row["iteration"] = later["time/previous_iteration"]
+    rows = rows[1:-1]
     # Per iteration first, then the median: medians of separate columns would not add up.
     for row in rows:
         for call in ("generate", "score"):
             row[f"{call}_transport"] = max(0.0, row[f"time/{call}"] - row[f"time/{call}_server"])
         row["transport"] = row["generate_transport"] + row["score_transport"]
-        row["bookkeeping"] = max(0.0, row["time/step"] - sum(row[f"time/{p}"] for p in PHASES))
+        row["bookkeeping"] = max(0.0, row["iteration"] - sum(row[f"time/{p}"] for p in PHASES))
+        row["outside_step"] = row["iteration"] - row["time/step"]
         overhead = row["transport"] + row["time/weight_sync"] + row["bookkeeping"]
-        row["overhead_fraction"] = overhead / row["time/step"]
+        row["overhead_fraction"] = overhead / row["iteration"]
     middle = sorted(rows, key=lambda r: r["overhead_fraction"])[len(rows) // 2]
-    median = {key: middle[f"time/{key}"] for key in [*PHASES, "step"]}
+    median = {key: middle[f"time/{key}"] for key in PHASES}
+    median["step"] = middle["iteration"]
     transport, other = middle["transport"], middle["bookkeeping"]
     fractions = [r["overhead_fraction"] for r in rows]
     print(f"the median iteration (by overhead) of {len(rows)} after 1 warm-up, {args.config}")
+    print("  (an iteration: one training step start to the next, logging and the loop included)")
     for phase in PHASES:
         share = median[phase] / median["step"]
         print(f"  {phase:<12} {median[phase] * 1000:8.1f} ms  {100 * share:5.1f} %")
-    print(f"  {'step':<12} {median['step'] * 1000:8.1f} ms")
+    print(f"  {'iteration':<12} {median['step'] * 1000:8.1f} ms")
     print(
         f"  transport (wall − server time) {transport * 1000:.1f} ms: generate "
         f"{middle['generate_transport'] * 1000:.1f}, score {middle['score_transport'] * 1000:.1f}"
     )
-    print(f"  bookkeeping between phases {other * 1000:.1f} ms")
+    print(
+        f"  bookkeeping {other * 1000:.1f} ms, of which after the step (logging, callbacks, "
+        f"Lightning's loop) {middle['outside_step'] * 1000:.1f} ms"
+    )
     print(f"  overhead fraction {middle['overhead_fraction']:.3f} (goal ≤ 0.10); "
           f"all iterations: {', '.join(f'{f:.3f}' for f in fractions)}")  # fmt: skip
     print(
@@ -93,6 +107,7 @@ def main() -> None:
                 "weight_push_s": median["weight_sync"],
                 "transport_s": transport,
                 "bookkeeping_s": other,
+                "outside_step_s": middle["outside_step"],
                 "overhead_fraction": middle["overhead_fraction"],
                 "overhead_fraction_max": max(fractions),
                 "iterations": len(rows),

@@ -123,6 +123,20 @@ class RolloutConfig:
     max_iterations: int = 100
     """Training iterations (rollout → update → weight push); also sets the LR schedule length."""
 
+    def sampling(self, seed: int):
+        """The generation client's `SamplingConfig` for one iteration's rollouts."""
+        from rpp_lightning.generation.client import SamplingConfig
+
+        return SamplingConfig(
+            n=self.n_samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            seed=seed,
+        )
+
     def validate(self) -> None:
         problems = []
         if self.n_samples < 1:

@@ -1,9 +1,12 @@
-"""The policy update's pieces: optimizer and LR schedule, the micro-batch loss (algorithm.md §5),
-and the cross-rank check that keeps FSDP collectives in step."""
+"""The policy update (algorithm.md §5-6): epochs × mini-batches of PPO-clip steps with gradient
+accumulation over micro-batches; the micro-batch loss; optimizer and LR schedule; the cross-rank
+check that keeps FSDP collectives in step."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,65 @@ from rpp_lightning import algorithms as A
 from rpp_lightning.config import AlgorithmConfig, OptimConfig
 from rpp_lightning.experience import Experience
 from rpp_lightning.policy import response_log_probs
+
+
+@dataclass(frozen=True)
+class PolicyUpdateConfig:
+    """What shapes one rollout batch's update."""
+
+    algorithm: AlgorithmConfig
+    estimator: A.AdvantageEstimatorSpec
+    temperature: float = 1.0  # the sampling temperature: log-probs are taken at it
+
+
+def policy_update(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    exp: Experience,
+    config: PolicyUpdateConfig,
+    backward: Callable[[torch.Tensor], None],
+    shuffle: torch.Generator,
+    group: dist.ProcessGroup | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """`epochs` passes of shuffled mini-batches over `exp`, one optimizer step per mini-batch.
+
+    `backward` is Lightning's `manual_backward` (plain `loss.backward()` outside Lightning).
+    Every rank must hold the same number of rows (see `check_same_rows_on_every_rank`), so that
+    all run the same number of forwards and optimizer steps. Returns each optimizer step's
+    summed micro-batch statistics and its gradient norm.
+    """
+    cfg = config.algorithm
+    if len(exp) % cfg.mini_batch_size:
+        raise ValueError(
+            f"rollout batch of {len(exp)} samples is not a multiple of mini_batch_size "
+            f"{cfg.mini_batch_size}: set data.batch_size × n_samples accordingly"
+        )
+    world = dist.get_world_size(group) if group is not None else 1
+    steps = []
+    for _ in range(cfg.epochs):
+        for mini in exp.mini_batches(cfg.mini_batch_size, shuffle):
+            # Token-level aggregation across ranks (algorithm.md §5): divide by the action
+            # tokens of the whole mini-batch on all ranks; FSDP averages gradients over ranks,
+            # so scale by the world size to keep a plain global token mean.
+            tokens = mini.action_mask.sum().float()
+            if group is not None:
+                dist.all_reduce(tokens, group=group)
+            sums: dict[str, torch.Tensor] = {}
+            for micro in mini.micro_batches(cfg.micro_batch_size):
+                loss, stats = micro_batch_loss(
+                    policy, micro, tokens, cfg, config.estimator, config.temperature
+                )
+                backward(loss * world)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0) + value.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] = grad_norm.detach()
+            steps.append(sums)
+    return steps
 
 
 def micro_batch_loss(

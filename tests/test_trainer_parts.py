@@ -14,7 +14,7 @@ from rpp_lightning.data import PromptDataModule, ResumableSampler, read_rows
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.rewards import RewardClient, RewardQuery
 from rpp_lightning.serving import GrpcServer, ServerConfig
-from rpp_lightning.update import micro_batch_loss
+from rpp_lightning.update import PolicyUpdateConfig, micro_batch_loss, policy_update
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINER_CONFIGS = [p for p in CONFIGS if not p.name.startswith("sft")]
@@ -130,6 +130,45 @@ def test_log_probs_are_taken_at_the_sampling_temperature(tmp_path, monkeypatch) 
     assert not torch.allclose(at[1.0], torch.tensor(1.0), atol=1e-3)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         RolloutConfig(temperature=0.0).validate()
+
+
+def test_policy_update_steps_once_per_mini_batch_and_epoch(tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from rpp_lightning.policy import response_log_probs
+    from rpp_lightning.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_llama_config())
+    module = _module(tmp_path, monkeypatch, "reinforce_pp")
+    exp = _experience()
+    module._advantages(exp)
+    with torch.no_grad():  # on-policy, so the clip leaves gradients to take
+        old, _ = response_log_probs(policy, exp.sequences, exp.attention_mask, exp.num_actions)
+    exp.old_log_probs = old * exp.action_mask
+    algorithm = replace(module.algorithm, epochs=2, mini_batch_size=2, micro_batch_size=1)
+    config = PolicyUpdateConfig(algorithm, module.estimator)
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3)  # small: no token gets clipped
+    backwards = []
+
+    def backward(loss: torch.Tensor) -> None:
+        backwards.append(loss.item())
+        loss.backward()
+
+    steps = policy_update(
+        policy, optimizer, exp, config, backward, torch.Generator().manual_seed(0)
+    )
+    # 4 rows: 2 epochs × 2 mini-batches = 4 optimizer steps, each of 2 micro-batches
+    assert len(steps) == 4 and len(backwards) == 8
+    assert all(torch.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in steps)
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    assert all(p.grad is None for p in policy.parameters())  # zeroed after the last step
+    with pytest.raises(ValueError, match="not a multiple of mini_batch_size 3"):
+        uneven = PolicyUpdateConfig(replace(algorithm, mini_batch_size=3), module.estimator)
+        policy_update(policy, optimizer, exp, uneven, backward, torch.Generator())
 
 
 def test_sampler_shards_match_one_process_and_resume() -> None:
