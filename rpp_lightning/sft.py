@@ -1,8 +1,9 @@
 """Supervised fine-tuning (SFT) of a causal LM on prompt → reference-answer pairs.
 
-The quickstart's policy comes from here: a small Llama trained on the arithmetic task's format
-(`\\boxed{answer}`) just long enough to answer in that format but often wrongly, so REINFORCE++
-has something to improve. It is also a plain SFT you can point at any JSONL of prompts/answers.
+The quickstart's policy comes from here: a small Llama trained to imitate an imperfect teacher
+on the arithmetic task (answers in `\\boxed{answer}`, 60 % of them rounded to the nearest ten),
+so it answers in the format but often wrongly, and REINFORCE++ with an exact-match verifier has
+something to improve. It is also a plain SFT you can point at any JSONL of prompts/answers.
 
     python -m rpp_lightning.sft fit --config configs/sft_quickstart.yaml
     python -m rpp_lightning.sft fit --config configs/sft_quickstart.yaml --model.out_dir /tmp/p

@@ -11,7 +11,13 @@ from conftest import ROOT
 
 from rpp_lightning.data import PromptRow
 from rpp_lightning.sft import IGNORE_INDEX, collate, sft_example
-from rpp_lightning.tasks.arithmetic import LEVELS, WORDINGS, make_rows, write_splits
+from rpp_lightning.tasks.arithmetic import (
+    LEVELS,
+    expression_of,
+    make_rows,
+    round_to_ten,
+    write_splits,
+)
 from rpp_lightning.tiny import build_tokenizer
 
 SFT_CONFIG = str(ROOT / "configs" / "sft_quickstart.yaml")
@@ -30,14 +36,6 @@ TINY_MODEL = {
 }
 
 
-def _expression(prompt: str) -> str:
-    for wording in WORDINGS:
-        head, tail = wording.split("{}")
-        if prompt.startswith(head) and prompt.endswith(tail):
-            return prompt[len(head) : len(prompt) - len(tail)]
-    raise AssertionError(f"{prompt!r} is in none of the wordings")
-
-
 def test_task_is_deterministic_and_held_out_is_disjoint(tmp_path):
     assert make_rows(50, seed=3) == make_rows(50, seed=3)
     assert make_rows(50, seed=3) != make_rows(50, seed=4)
@@ -47,14 +45,31 @@ def test_task_is_deterministic_and_held_out_is_disjoint(tmp_path):
         assert one.read_bytes() == two.read_bytes()
     sft, train, val = ([json.loads(line) for line in p.read_text().splitlines()] for p in first)
     assert len(sft) == len(train) == 300 and len(val) == 40
-    assert all(row["prompt"].startswith("What is ") for row in sft)  # SFT sees one wording
-    assert {_expression(r["prompt"]) for r in sft} == {_expression(r["prompt"]) for r in train}
-    assert len({r["prompt"].split(" ")[0] for r in train + val}) > 2  # RL sees them all
-    held_out = {_expression(r["prompt"]) for r in val}
-    assert not held_out & {_expression(r["prompt"]) for r in train}
+    assert [r["prompt"] for r in sft] == [r["prompt"] for r in train]  # the same problems
+    assert {r["prompt"].split(" ")[0] for r in train} >= {"What", "Calculate", "Compute:"}
+    held_out = {expression_of(r["prompt"]) for r in val}
+    assert not held_out & {expression_of(r["prompt"]) for r in train}
     assert {r["level"] for r in train} == set(LEVELS)
-    for row in sft + train + val:  # the answer is the expression's value
-        assert str(eval(_expression(row["prompt"]))) == row["answer"]  # our own generated text
+    for row in train + val:  # the answer is the expression's value
+        assert str(eval(expression_of(row["prompt"]))) == row["answer"]  # our own generated text
+    # the SFT teacher: exact, or its estimate rounded to ten, about 60 % of the time
+    rounded = 0
+    for row, exact in zip(sft, train, strict=True):
+        assert row["exact_answer"] == exact["answer"]
+        value = int(exact["answer"])
+        assert row["answer"] in (str(value), str(round_to_ten(value)))
+        rounded += row["answer"] != exact["answer"]
+    assert 0.45 < rounded / len(sft) < 0.65  # 0.6 of the rows, less those already round
+    (no_habit, *_) = write_splits(tmp_path / "c", train=300, val=40, seed=0, rounding_rate=0.0)
+    assert all(r["answer"] == r["exact_answer"] for r in map(json.loads, no_habit.open()))
+
+
+def test_round_to_ten_rounds_halves_up():
+    assert [round_to_ten(v) for v in (4, 5, 15, 25, 22, 0, -4, -5, -15, 198)] == [
+        0, 10, 20, 30, 20, 0, 0, 0, -10, 200
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not a task prompt"):
+        expression_of("Tell me 1 + 1")
 
 
 def test_committed_data_is_what_the_generator_writes(tmp_path):
