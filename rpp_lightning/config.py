@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rpp_lightning.channels import ChannelConfig
+
+if TYPE_CHECKING:  # the client module imports torch; configs are parsed before it loads
+    from rpp_lightning.generation.client import SamplingConfig
 
 
 def _raise_all(group: str, problems: list[str]) -> None:
@@ -123,7 +126,7 @@ class RolloutConfig:
     max_iterations: int = 100
     """Training iterations (rollout → update → weight push); also sets the LR schedule length."""
 
-    def sampling(self, seed: int):
+    def sampling(self, seed: int) -> SamplingConfig:
         """The generation client's `SamplingConfig` for one iteration's rollouts."""
         from rpp_lightning.generation.client import SamplingConfig
 

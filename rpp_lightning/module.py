@@ -39,7 +39,7 @@ from rpp_lightning.policy import (
     export_hf,
     full_state_dict,
     load_causal_lm,
-    shard_model,
+    load_sharded_causal_lm,
 )
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.update import (
@@ -125,14 +125,17 @@ class ReinforcePP(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:  # configure_model may run once per stage
             return
-        self.policy = load_causal_lm(self.policy_config)
-        self.reference = load_causal_lm(self.policy_config, reference=True)
         mesh = self.device_mesh
-        if mesh is not None:
-            dp_mesh = mesh["data_parallel"]
-            mixed = dp_mesh.device_type == "cuda"
-            shard_model(self.policy, dp_mesh, mixed_precision=mixed)
-            shard_model(self.reference, dp_mesh, mixed_precision=mixed)
+        if mesh is None:
+            self.policy = load_causal_lm(self.policy_config)
+            self.reference = load_causal_lm(self.policy_config, reference=True)
+            return
+        # FSDP2: rank 0 reads the weights, the other ranks receive their shards (policy.py)
+        dp_mesh = mesh["data_parallel"]
+        mixed = dp_mesh.device_type == "cuda"
+        device = self.trainer.strategy.root_device
+        self.policy = load_sharded_causal_lm(self.policy_config, dp_mesh, device, False, mixed)
+        self.reference = load_sharded_causal_lm(self.policy_config, dp_mesh, device, True, mixed)
 
     def configure_optimizers(self):
         opt, scheduler = build_optimizer(self.policy, self.optim, self.rollout.max_iterations)

@@ -1,7 +1,7 @@
 """The policy and reference models: loading, the FSDP2 sharding plan, and token log-probs.
 
-model = load_causal_lm(PolicyConfig(path="/models/qwen2.5-7b-instruct"))
-shard_model(model, mesh, mixed_precision=True)   # FSDP2: each decoder layer, then the root
+model = load_causal_lm(PolicyConfig(path="/models/qwen2.5-7b-instruct"))   # one process
+model = load_sharded_causal_lm(config, mesh, device, mixed_precision=True)    # FSDP2 ranks
 logp = response_log_probs(model, sequences, attention_mask, num_actions)  # (N, R)
 """
 
@@ -22,24 +22,81 @@ def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:
     From a local directory with `from_pretrained`, or from a transformers config dict with random
     weights seeded by `config.seed` (the reference then starts equal to the policy).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config.validate()
-    path = config.reference_path if reference and config.reference_path else config.path
+    path = _weights_path(config, reference)
     if path is not None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
-        settings = dict(config.config or {})
-        hf_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(_hf_config(config), dtype=torch.float32)
+    return _for_training(model, config, reference)
+
+
+def _weights_path(config: PolicyConfig, reference: bool) -> str | None:
+    config.validate()
+    return config.reference_path if reference and config.reference_path else config.path
+
+
+def _hf_config(config: PolicyConfig, path: str | None = None):
+    from transformers import AutoConfig
+
+    if path is not None:
+        return AutoConfig.from_pretrained(path)
+    settings = dict(config.config or {})
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def _for_training(model: nn.Module, config: PolicyConfig, reference: bool) -> nn.Module:
     if reference:
         model.requires_grad_(False)
         model.eval()
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False  # training forwards never reuse a KV cache
+    return model
+
+
+def load_sharded_causal_lm(
+    config: PolicyConfig,
+    mesh: DeviceMesh,
+    device: torch.device,
+    reference: bool = False,
+    mixed_precision: bool = False,
+) -> nn.Module:
+    """The policy (or reference) sharded with FSDP2 over `mesh`, read from storage by rank 0 only.
+
+    Every other rank builds the model on the meta device (no memory, no reads); after
+    `shard_model`, rank 0's full weights are broadcast into every rank's shards, and the buffers
+    are broadcast whole (non-persistent ones such as rotary frequencies are in no state dict).
+    Host memory holds one full copy, on rank 0, instead of one per rank: 8 ranks of a 7B model
+    in fp32 need 28 GB rather than 224 GB. Every rank of the default group must call this.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    if mesh.size() != dist.get_world_size():
+        raise ValueError("load_sharded_causal_lm needs every process in the data-parallel mesh")
+    if dist.get_rank() == 0:
+        model = load_causal_lm(config, reference)
+        full = model.state_dict()  # the full tensors stay referenced after sharding
+    else:
+        hf_config = _hf_config(config, _weights_path(config, reference))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = _for_training(model, config, reference)
+        full = {}
+    shard_model(model, mesh, mixed_precision)
+    if dist.get_rank() == 0:
+        model.to(device)
+    else:
+        model.to_empty(device=device)  # storage for the broadcast to fill
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 
