@@ -1,11 +1,12 @@
 """REINFORCE++ as a LightningModule: one training step = one iteration of algorithm.md §6.
 
-    generate (generation servers) → score (reward servers) → log π_old, log π_ref (here, sharded)
-    → shape rewards, advantages (globally normalised) → epochs × mini-batches of PPO-clip updates
-    → push the new weights to every generation server as version v+1
+    generate (generation servers) → score (reward servers) while log π_old, log π_ref (here,
+    sharded) → shape rewards, advantages (globally normalised) → epochs × mini-batches of
+    PPO-clip updates → push the new weights to every generation server as version v+1
 
-The math lives in `rpp_lightning.algorithms`, the model plumbing in `policy`, the wire clients in
-`generation.client` and `rewards`; this module only orchestrates them.
+The math lives in `rpp_lightning.algorithms`, the experience in `rollout`, the update in
+`update`, the model plumbing in `policy`, the wire clients in `generation.client` and `rewards`;
+this module only orchestrates them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,15 +32,15 @@ from rpp_lightning.config import (
     RolloutConfig,
 )
 from rpp_lightning.data import PromptRow
-from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.experience import Experience
 from rpp_lightning.metrics import reduce_metrics, rollout_metrics, update_metrics
 from rpp_lightning.policy import (
-    experience_log_probs,
     export_hf,
     full_state_dict,
     load_causal_lm,
     load_sharded_causal_lm,
 )
+from rpp_lightning.rollout import ExperienceMaker, RolloutStep, data_parallel_group, timed
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.update import (
     PolicyUpdateConfig,
@@ -109,9 +109,11 @@ class ReinforcePP(pl.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.servers = TrainerServers(policy, generation, rewards)
+        self.experience = ExperienceMaker(
+            self.servers, self.rollout, self.algorithm, self.estimator
+        )
         self.weights_version = 0  # version of the weights the generation servers serve
         self.iteration = 0
-        self.running_reward = A.RunningMeanStd()
         self._synced = False
         self._export_requested = False
         self._previous_step_start: float | None = None
@@ -147,7 +149,7 @@ class ReinforcePP(pl.LightningModule):
         return batch
 
     def _dp_group(self):
-        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        return data_parallel_group()
 
     def _sync_weights(self) -> None:
         """Push the trainer's weights to every generation server as the next version.
@@ -192,75 +194,6 @@ class ReinforcePP(pl.LightningModule):
 
     # ---- one iteration ----------------------------------------------------------------------
 
-    @contextmanager
-    def _timed(self, timings: dict[str, float], phase: str):
-        start = time.perf_counter()
-        yield
-        timings[phase] = time.perf_counter() - start
-
-    def _rollout(self, rows: list[PromptRow], timings: dict[str, float]) -> tuple:
-        sampling = self.rollout.sampling(seed=self.seed * 1_000_003 + self.iteration)
-        with self._timed(timings, "generate"):
-            rollouts = self.servers.generation.generate(
-                [row.prompt_ids for row in rows],
-                sampling,
-                expected_version=self.weights_version,
-                # this rank's prompts start at global index rank × B of the step's batch (see
-                # ResumableSampler): rollouts then do not depend on the number of ranks
-                prompt_offset=self.global_rank * len(rows),
-            )
-        with self._timed(timings, "score"):
-            rewards = self.servers.score(rows, rollouts, self.rollout.n_samples)
-        # server-side time of both phases: the rest of their wall time is transport
-        timings["generate_server"] = self.servers.generation.last_server_s
-        timings["score_server"] = self.servers.rewards.last_server_s
-        return rollouts, rewards
-
-    def _make_experience(self, rows, rollouts, reward_batch, timings) -> Experience:
-        n = self.rollout.n_samples
-        sequences, attention_mask, action_mask = pack_rollouts(
-            [row.prompt_ids for row in rows],
-            [r.token_ids for r in rollouts],
-            n,
-            self.servers.tokenizer.pad_token_id,
-        )
-        cfg = self.algorithm
-        rewards = torch.tensor(reward_batch.total, dtype=torch.float32)
-        rewards = A.normalize_rewards(
-            rewards, cfg.reward_normalization, self.running_reward, group=self._dp_group()
-        )
-        rewards = A.clip_rewards(rewards, cfg.reward_clip)
-        exp = Experience(sequences, attention_mask, action_mask, rewards).to(self.device)
-        with self._timed(timings, "logprobs"):
-            size = self.algorithm.micro_batch_size
-            # π_old's entropy comes with its forward at little cost: logged every step (§7)
-            temperature = self.rollout.temperature  # the distribution the servers sampled
-            exp.old_log_probs, self._entropy = experience_log_probs(
-                self.policy, exp, size, True, temperature
-            )
-            exp.ref_log_probs, _ = experience_log_probs(
-                self.reference, exp, size, False, temperature
-            )
-        self._advantages(exp)
-        return exp
-
-    def _advantages(self, exp: Experience) -> None:
-        """Fill exp.advantages and exp.returns with the configured estimator (algorithm.md §4)."""
-        cfg = self.algorithm
-        kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
-        out = A.compute_advantages(
-            self.estimator.name,
-            exp.rewards,
-            kl,
-            exp.action_mask,
-            n_samples_per_prompt=self.rollout.n_samples,
-            kl_coef=cfg.kl_coef,
-            gamma=cfg.gamma,
-            group=self._dp_group(),
-        )
-        exp.advantages, exp.returns = out.advantages, out.returns
-        self._advantage_stats = out.stats
-
     def _update(self, exp: Experience) -> list[dict[str, torch.Tensor]]:
         group = self._dp_group()
         world = dist.get_world_size(group) if group is not None else 1
@@ -285,18 +218,23 @@ class ReinforcePP(pl.LightningModule):
             # the whole previous iteration, its logging and Lightning's loop included
             timings["previous_iteration"] = step_start - self._previous_step_start
         self._previous_step_start = step_start
-        rollouts, reward_batch = self._rollout(batch, timings)
-        exp = self._make_experience(batch, rollouts, reward_batch, timings)
-        with self._timed(timings, "update"):
+        step = RolloutStep(
+            seed=self.seed * 1_000_003 + self.iteration,
+            weights_version=self.weights_version,
+            prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
+        )
+        made = self.experience.make(batch, step, self.policy, self.reference, timings)
+        exp = made.exp
+        with timed(timings, "update"):
             steps = self._update(exp)
         self.lr_schedulers().step()
-        with self._timed(timings, "weight_sync"):
+        with timed(timings, "weight_sync"):
             self._sync_weights()
         timings["step"] = time.perf_counter() - step_start
-        metrics = rollout_metrics(exp, rollouts, reward_batch, self.rollout.max_new_tokens)
+        metrics = rollout_metrics(exp, made.rollouts, made.rewards, self.rollout.max_new_tokens)
         metrics.update(update_metrics(steps))
-        metrics["entropy"] = A.masked_mean(self._entropy, exp.action_mask).item()
-        metrics.update({f"adv/{k}": v for k, v in self._advantage_stats.items()})
+        metrics["entropy"] = A.masked_mean(made.entropy, exp.action_mask).item()
+        metrics.update({f"adv/{k}": v for k, v in made.advantage_stats.items()})
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)
         metrics["weights_version"] = float(self.weights_version)
@@ -411,7 +349,7 @@ class ReinforcePP(pl.LightningModule):
             "weights_version": self.weights_version,
             "iteration": self.iteration,
             "accuracy_before": self.accuracy_before,
-            "running_reward": self.running_reward.state_dict(),
+            "running_reward": self.experience.running_reward.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -425,10 +363,11 @@ class ReinforcePP(pl.LightningModule):
         self.weights_version = state["weights_version"]
         self.iteration = state["iteration"]
         self.accuracy_before = state.get("accuracy_before")
-        self.running_reward.load_state_dict(state["running_reward"])
+        self.experience.running_reward.load_state_dict(state["running_reward"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self._synced = False
 
     def teardown(self, stage: str) -> None:
+        self.experience.close()
         self.servers.stop()

@@ -208,6 +208,38 @@ def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> No
     assert served_version(servers["generation"]) == int(row["weights_version"])
 
 
+def test_scoring_overlaps_the_log_probs(servers, tmp_path) -> None:
+    """Rewards do not feed log π_old or log π_ref: the trainer computes them while scoring runs."""
+    from conftest import ServerProcess
+    from trainer_verifiers import SlowDigitShareVerifier
+
+    slow = ServerProcess(
+        python_module(
+            "reward_servers.cli", "--verifier", "trainer_verifiers:SlowDigitShareVerifier",
+            "--port", "0",
+        ),
+        env=ENV,
+    )  # fmt: skip
+    try:
+        overrides = remote(servers, "--model.rollout.max_iterations", "3")
+        overrides[overrides.index("--model.rewards") + 1] = (
+            f"[{{name: digits, addresses: [{slow.address}], local: null, local_args: []}}]"
+        )
+        # micro-batches of 1: 16 forwards each for π_old and π_ref, log-probs long enough to see
+        log_dir = train(tmp_path, *overrides, *batches(8, 16, 1), "--model.export_dir", "null")
+    finally:
+        slow.stop()
+    for row in read_metrics(log_dir):
+        assert row["time/score"] >= SlowDigitShareVerifier.SECONDS
+        # in sequence the step would hold score + log-probs; overlapped, the log-probs hide
+        # inside the score call and the trainer waits only for the rest of it
+        waited_in_sequence = sum(
+            row[f"time/{phase}"] for phase in ("generate", "score", "update", "weight_sync")
+        )
+        assert row["time/step"] - waited_in_sequence < 0.5 * row["time/logprobs"], row
+        assert row["time/score_wait"] < row["time/score"] - 0.5 * row["time/logprobs"], row
+
+
 def test_export_on_request_with_sigusr1(servers, tmp_path) -> None:
     start = served_version(servers["generation"])
     argv = [

@@ -6,6 +6,8 @@ rewards equal and every advantage zero. This verifier gives graded rewards, so u
 
 from __future__ import annotations
 
+import time
+
 from reward_servers.base import SampleInput, ScoreResult, Verifier
 
 
@@ -28,3 +30,13 @@ class DigitShareVerifier(Verifier):
             info = {"correct": "true" if correct else "false"}
             results.append(ScoreResult(digits / len(sample.response), info))
         return results
+
+
+class SlowDigitShareVerifier(DigitShareVerifier):
+    """DigitShareVerifier that takes SECONDS per Score call, like a busy reward model."""
+
+    SECONDS = 0.25
+
+    def score(self, samples: list[SampleInput], deadline_s: float | None) -> list[ScoreResult]:
+        time.sleep(self.SECONDS)
+        return super().score(samples, deadline_s)

@@ -1,0 +1,164 @@
+"""One iteration's experience, algorithm.md §6 steps 1-4: generate → score → log π_old and
+log π_ref → shaped rewards → advantages, for one rank's prompts.
+
+Scoring runs in the background while the trainer computes the log-probs: neither needs the
+rewards, and the reward servers are other processes (other machines, in a real deployment), so
+their time hides behind the trainer's forwards. `time/score` is the call's own wall time,
+`time/score_wait` what the trainer still waited for it afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rpp_lightning import algorithms as A
+from rpp_lightning.config import AlgorithmConfig, RolloutConfig
+from rpp_lightning.data import PromptRow
+from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.policy import experience_log_probs
+from rpp_lightning.rewards import RewardBatch
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the wall time of the block as `timings[phase]` (seconds)."""
+    start = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - start
+
+
+@dataclass
+class IterationExperience:
+    """What one iteration's rollouts gave this rank."""
+
+    exp: Experience
+    rollouts: list  # the generation client's Rollouts, prompt-major
+    rewards: RewardBatch  # before normalisation, per source
+    entropy: Tensor  # (N, R) of π_old, per token
+    advantage_stats: dict[str, float]  # before normalisation (algorithm.md §7)
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """Where one rank's iteration stands: what to sample with and which weights must serve it."""
+
+    seed: int  # the sampling seed of the iteration
+    weights_version: int  # the servers must serve this version (else StaleWeightsError)
+    prompt_offset: int  # this rank's first prompt in the global batch (seeds do not depend on
+    # the number of ranks; see ResumableSampler)
+
+
+class ExperienceMaker:
+    """Turns one rank's prompts into advantages, with the servers and the trainer's models."""
+
+    def __init__(
+        self,
+        servers,
+        rollout: RolloutConfig,
+        algorithm: AlgorithmConfig,
+        estimator: A.AdvantageEstimatorSpec,
+    ) -> None:
+        """`servers`: the run's `TrainerServers` (started before `make` is called)."""
+        self.servers, self.rollout, self.algorithm = servers, rollout, algorithm
+        self.estimator = estimator
+        self.running_reward = A.RunningMeanStd()  # reward normalisation state (checkpointed)
+        self._scoring: ThreadPoolExecutor | None = None
+
+    def make(
+        self,
+        rows: list[PromptRow],
+        step: RolloutStep,
+        policy: nn.Module,
+        reference: nn.Module,
+        timings: dict[str, float],
+    ) -> IterationExperience:
+        """Every rank of the data-parallel group calls this (log-probs and normalisation are
+        collective under FSDP2). Phase times land in `timings`."""
+        rollouts = self._generate(rows, step, timings)
+        scoring = self._start_scoring(rows, rollouts, timings)
+        sequences, attention_mask, action_mask = pack_rollouts(
+            [row.prompt_ids for row in rows],
+            [r.token_ids for r in rollouts],
+            self.rollout.n_samples,
+            self.servers.tokenizer.pad_token_id,
+        )
+        unscored = torch.zeros(len(sequences))  # the rewards arrive after the log-probs
+        device = next(policy.parameters()).device
+        exp = Experience(sequences, attention_mask, action_mask, unscored).to(device)
+        with timed(timings, "logprobs"):
+            size = self.algorithm.micro_batch_size
+            # π_old's entropy comes with its forward at little cost: logged every step (§7)
+            temperature = self.rollout.temperature  # the distribution the servers sampled
+            exp.old_log_probs, entropy = experience_log_probs(policy, exp, size, True, temperature)
+            exp.ref_log_probs, _ = experience_log_probs(reference, exp, size, False, temperature)
+        with timed(timings, "score_wait"):
+            reward_batch = scoring.result()
+        cfg, group = self.algorithm, data_parallel_group()
+        rewards = torch.tensor(reward_batch.total, dtype=torch.float32)
+        rewards = A.normalize_rewards(
+            rewards, cfg.reward_normalization, self.running_reward, group=group
+        )
+        exp.rewards = A.clip_rewards(rewards, cfg.reward_clip).to(device)
+        stats = self.advantages(exp)
+        return IterationExperience(exp, rollouts, reward_batch, entropy, stats)
+
+    def advantages(self, exp: Experience) -> dict[str, float]:
+        """Fill exp.advantages and exp.returns with the configured estimator (algorithm.md §4);
+        return the statistics before normalisation."""
+        cfg = self.algorithm
+        kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
+        out = A.compute_advantages(
+            self.estimator.name,
+            exp.rewards,
+            kl,
+            exp.action_mask,
+            n_samples_per_prompt=self.rollout.n_samples,
+            kl_coef=cfg.kl_coef,
+            gamma=cfg.gamma,
+            group=data_parallel_group(),
+        )
+        exp.advantages, exp.returns = out.advantages, out.returns
+        return out.stats
+
+    def close(self) -> None:
+        """Stop the scoring thread (a call in flight ends when the servers stop)."""
+        if self._scoring is not None:
+            self._scoring.shutdown(wait=False, cancel_futures=True)
+            self._scoring = None
+
+    def _generate(self, rows: list[PromptRow], step: RolloutStep, timings) -> list:
+        with timed(timings, "generate"):
+            rollouts = self.servers.generation.generate(
+                [row.prompt_ids for row in rows],
+                self.rollout.sampling(step.seed),
+                expected_version=step.weights_version,
+                prompt_offset=step.prompt_offset,
+            )
+        # server-side time: the rest of the wall time is transport
+        timings["generate_server"] = self.servers.generation.last_server_s
+        return rollouts
+
+    def _start_scoring(self, rows, rollouts, timings: dict[str, float]) -> Future:
+        def score() -> RewardBatch:
+            start = time.perf_counter()
+            rewards = self.servers.score(rows, rollouts, self.rollout.n_samples)
+            timings["score"] = time.perf_counter() - start
+            timings["score_server"] = self.servers.rewards.last_server_s
+            return rewards
+
+        if self._scoring is None:
+            self._scoring = ThreadPoolExecutor(1, thread_name_prefix="rpp-score")
+        return self._scoring.submit(score)
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    """The data-parallel group: every process (see strategy.py), or None in one process."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
