@@ -218,12 +218,12 @@ class ReinforcePP(pl.LightningModule):
             # the whole previous iteration, its logging and Lightning's loop included
             timings["previous_iteration"] = step_start - self._previous_step_start
         self._previous_step_start = step_start
-        step = RolloutStep(
+        rollout_step = RolloutStep(
             seed=self.seed * 1_000_003 + self.iteration,
             weights_version=self.weights_version,
             prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
         )
-        made = self.experience.make(batch, step, self.policy, self.reference, timings)
+        made = self.experience.make(batch, rollout_step, self.policy, self.reference, timings)
         exp = made.exp
         with timed(timings, "update"):
             steps = self._update(exp)

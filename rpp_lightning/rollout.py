@@ -3,8 +3,9 @@ log π_ref → shaped rewards → advantages, for one rank's prompts.
 
 Scoring runs in the background while the trainer computes the log-probs: neither needs the
 rewards, and the reward servers are other processes (other machines, in a real deployment), so
-their time hides behind the trainer's forwards. `time/score` is the call's own wall time,
-`time/score_wait` what the trainer still waited for it afterwards.
+their time hides behind the trainer's forwards. (On one small CPU machine the two compete for the
+same cores instead: about neutral on the 2-core quickstart.) `time/score` is the call's own wall
+time, `time/score_wait` what the trainer still waited for it afterwards.
 """
 
 from __future__ import annotations
