@@ -9,6 +9,9 @@ rank holds the same number of samples), maxima for `.../max`.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,14 @@ import torch.distributed as dist
 from rpp_lightning.algorithms import masked_mean
 from rpp_lightning.experience import Experience
 from rpp_lightning.rewards import RewardBatch
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the wall time of the block as `timings[phase]` (seconds)."""
+    start = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - start
 
 
 def rollout_metrics(

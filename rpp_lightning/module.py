@@ -33,15 +33,16 @@ from rpp_lightning.config import (
 )
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience
-from rpp_lightning.metrics import reduce_metrics, rollout_metrics, update_metrics
+from rpp_lightning.metrics import reduce_metrics, rollout_metrics, timed, update_metrics
 from rpp_lightning.policy import (
     export_hf,
     full_state_dict,
     load_causal_lm,
     load_sharded_causal_lm,
 )
-from rpp_lightning.rollout import ExperienceMaker, RolloutStep, data_parallel_group, timed
+from rpp_lightning.rollout import ExperienceMaker, RolloutStep
 from rpp_lightning.servers import TrainerServers
+from rpp_lightning.strategy import data_parallel_group
 from rpp_lightning.update import (
     PolicyUpdateConfig,
     build_optimizer,
@@ -148,9 +149,6 @@ class ReinforcePP(pl.LightningModule):
         # walks every field of every row for nothing (~1 ms a tiny-config step, profiled).
         return batch
 
-    def _dp_group(self):
-        return data_parallel_group()
-
     def _sync_weights(self) -> None:
         """Push the trainer's weights to every generation server as the next version.
 
@@ -195,7 +193,7 @@ class ReinforcePP(pl.LightningModule):
     # ---- one iteration ----------------------------------------------------------------------
 
     def _update(self, exp: Experience) -> list[dict[str, torch.Tensor]]:
-        group = self._dp_group()
+        group = data_parallel_group()
         world = dist.get_world_size(group) if group is not None else 1
         shuffle = torch.Generator().manual_seed(
             self.seed + self.iteration * world + self.global_rank
@@ -254,7 +252,7 @@ class ReinforcePP(pl.LightningModule):
         `self.log` costs about 0.3 ms a key: 29 keys took 8 ms of a ~55 ms tiny-config
         iteration (profiled); the loggers take the whole dict in one call each.
         """
-        reduced = reduce_metrics(metrics, self._dp_group(), self.device)
+        reduced = reduce_metrics(metrics, data_parallel_group(), self.device)
         shown = {k: reduced[k] for k in PROGRESS_BAR_KEYS if k in reduced}
         self.log_dict(shown, prog_bar=True, logger=False, batch_size=1, rank_zero_only=True)
         every = self.trainer.log_every_n_steps
@@ -278,8 +276,8 @@ class ReinforcePP(pl.LightningModule):
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for batch in self.trainer.datamodule.val_dataloader():
             sums += self._evaluate_batch(batch)
-        if self._dp_group() is not None:
-            dist.all_reduce(sums, group=self._dp_group())
+        if data_parallel_group() is not None:
+            dist.all_reduce(sums, group=data_parallel_group())
         return sums
 
     def _log_evaluation(self, sums: torch.Tensor, prefix: str) -> float | None:
@@ -308,8 +306,8 @@ class ReinforcePP(pl.LightningModule):
         self._val_sums += self._evaluate_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self._dp_group() is not None:
-            dist.all_reduce(self._val_sums, group=self._dp_group())
+        if data_parallel_group() is not None:
+            dist.all_reduce(self._val_sums, group=data_parallel_group())
         self._log_evaluation(self._val_sums, "val")
 
     def on_train_end(self) -> None:

@@ -11,29 +11,21 @@ time, `time/score_wait` what the trainer still waited for it afterwards.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from rpp_lightning import algorithms as A
 from rpp_lightning.config import AlgorithmConfig, RolloutConfig
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.metrics import timed
 from rpp_lightning.policy import experience_log_probs
 from rpp_lightning.rewards import RewardBatch
-
-
-@contextmanager
-def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Record the wall time of the block as `timings[phase]` (seconds)."""
-    start = time.perf_counter()
-    yield
-    timings[phase] = time.perf_counter() - start
+from rpp_lightning.servers import TrainerServers
+from rpp_lightning.strategy import data_parallel_group
 
 
 @dataclass
@@ -62,12 +54,12 @@ class ExperienceMaker:
 
     def __init__(
         self,
-        servers,
+        servers: TrainerServers,
         rollout: RolloutConfig,
         algorithm: AlgorithmConfig,
         estimator: A.AdvantageEstimatorSpec,
     ) -> None:
-        """`servers`: the run's `TrainerServers` (started before `make` is called)."""
+        """`servers` must be started before `make` is called."""
         self.servers, self.rollout, self.algorithm = servers, rollout, algorithm
         self.estimator = estimator
         self.running_reward = A.RunningMeanStd()  # reward normalisation state (checkpointed)
@@ -158,8 +150,3 @@ class ExperienceMaker:
         if self._scoring is None:
             self._scoring = ThreadPoolExecutor(1, thread_name_prefix="rpp-score")
         return self._scoring.submit(score)
-
-
-def data_parallel_group() -> dist.ProcessGroup | None:
-    """The data-parallel group: every process (see strategy.py), or None in one process."""
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None

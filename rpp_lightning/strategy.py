@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
@@ -52,3 +53,8 @@ def register() -> None:
         StrategyRegistry.register(
             "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) data parallel, CPU or CUDA"
         )
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    """The data-parallel group: every process (see FSDP2Strategy), or None in one process."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
