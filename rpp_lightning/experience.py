@@ -96,14 +96,20 @@ def pack_rollouts(
         )
     prompt_len = max(len(p) for p in prompts)
     response_len = max(1, max(len(r) for r in responses))
-    n_rows = len(responses)
-    sequences = torch.full((n_rows, prompt_len + response_len), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(sequences)
-    action_mask = torch.zeros(n_rows, response_len, dtype=torch.long)
+    # One tensor from padded Python lists: a few torch calls instead of several per row
+    # (the per-row slice assignments took ~1 ms for 8 rows, profiled on the tiny config).
+    rows = []
     for row, response in enumerate(responses):
         prompt = prompts[row // n_samples]
-        sequences[row, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt)
-        sequences[row, prompt_len : prompt_len + len(response)] = torch.tensor(response)
-        attention_mask[row, prompt_len - len(prompt) : prompt_len + len(response)] = 1
-        action_mask[row, : len(response)] = 1
+        left = [pad_token_id] * (prompt_len - len(prompt))
+        right = [pad_token_id] * (response_len - len(response))
+        rows.append([*left, *prompt, *response, *right])
+    sequences = torch.tensor(rows, dtype=torch.long)
+    prompt_lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(n_samples)
+    response_lengths = torch.tensor([len(r) for r in responses])
+    columns = torch.arange(prompt_len + response_len)
+    start = (prompt_len - prompt_lengths)[:, None]
+    end = (prompt_len + response_lengths)[:, None]
+    attention_mask = ((columns >= start) & (columns < end)).long()
+    action_mask = (torch.arange(response_len) < response_lengths[:, None]).long()
     return sequences, attention_mask, action_mask

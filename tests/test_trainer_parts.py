@@ -53,6 +53,29 @@ def _experience() -> Experience:
     return exp
 
 
+def test_pack_rollouts_left_pads_prompts_and_right_pads_responses() -> None:
+    # prompt-major: rows 0-1 answer [5, 6, 7], rows 2-3 answer [8, 9]; one response is empty
+    sequences, attention, actions = pack_rollouts(
+        [[5, 6, 7], [8, 9]], [[10, 11], [], [12], [13, 14]], 2, 0
+    )
+    assert sequences.tolist() == [
+        [5, 6, 7, 10, 11],
+        [5, 6, 7, 0, 0],
+        [0, 8, 9, 12, 0],
+        [0, 8, 9, 13, 14],
+    ]
+    assert attention.tolist() == [
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1],
+    ]
+    assert actions.tolist() == [[1, 1], [0, 0], [1, 0], [1, 1]]
+    assert sequences.dtype == attention.dtype == actions.dtype == torch.long
+    with pytest.raises(ValueError, match="2 prompts × 2 samples = 4 responses, got 3"):
+        pack_rollouts([[5], [6]], [[1], [2], [3]], 2, 0)
+
+
 def test_estimator_switch_in_yaml_changes_the_computation(tmp_path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
