@@ -119,6 +119,10 @@ class ReinforcePP(pl.LightningModule):
         self._export_requested = False
         self._previous_step_start: float | None = None
         self._val_sums: torch.Tensor | None = None
+        # The frozen reference is rebuilt from its path in configure_model, so checkpoints leave
+        # it out: with Adam they hold three copies of the weights instead of four.
+        self.register_state_dict_post_hook(_drop_reference_weights)
+        self.register_load_state_dict_post_hook(_reference_weights_not_expected)
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -369,3 +373,16 @@ class ReinforcePP(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         self.experience.close()
         self.servers.stop()
+
+
+REFERENCE_PREFIX = "reference."
+
+
+def _drop_reference_weights(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + REFERENCE_PREFIX)]:
+        del state_dict[key]
+
+
+def _reference_weights_not_expected(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(REFERENCE_PREFIX)]

@@ -131,7 +131,9 @@ def test_trains_pushes_versions_and_resumes(servers, tmp_path) -> None:
 
     # resume: the step count and the weights version continue where the first run stopped
     ckpt = first / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert any(k.startswith("policy.") for k in saved)
+    assert not any(k.startswith("reference.") for k in saved)  # rebuilt from its path instead
     second = train(
         tmp_path,
         *remote(servers, "--model.rollout.max_iterations", "4", "--ckpt_path", str(ckpt)),
@@ -172,6 +174,33 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
         moved = max(moved, delta_single.abs().max().item())
     assert moved > 1e-4, "the update did not move the weights: the comparison would be vacuous"
     assert read_metrics(single)[0]["reward"] == pytest.approx(read_metrics(sharded)[0]["reward"])
+
+
+def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) -> None:
+    """2 gloo ranks: the sharded checkpoint (torch.distributed.checkpoint) holds the policy and
+    its optimizer state, not the frozen reference; a resumed run equals an uninterrupted one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = [*batches(2, 4, 2), "--trainer.val_check_interval", "null",
+              "--trainer.limit_val_batches", "0", "--model.export_dir", "null"]  # fmt: skip
+    four = ["--model.rollout.max_iterations", "4"]
+    first = train(tmp_path, *remote(servers, *common, *four, "--trainer.max_steps", "2"), devices=2)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert any(k.startswith("state_dict.policy.") for k in keys)
+    assert any(k.startswith("optimizer_0.") for k in keys)
+    assert not any(k.startswith("state_dict.reference.") for k in keys)
+    resume = [*common, *four, "--ckpt_path", str(ckpt)]
+    resumed = read_metrics(train(tmp_path, *remote(servers, *resume), devices=2))
+    assert [int(r["step"]) for r in resumed] == [2, 3]
+    assert int(resumed[0]["weights_version"]) > int(read_metrics(first)[-1]["weights_version"])
+    straight = read_metrics(
+        train(tmp_path / "straight", *remote(servers, *common, *four), devices=2)
+    )
+    assert any(r["grad_norm"] > 0 for r in straight[2:]), "no update: the comparison is vacuous"
+    for key in ("reward", "response_length", "policy_loss", "grad_norm", "kl"):
+        expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
+        assert [r[key] for r in straight[2:]] == expected, key
 
 
 def free_port() -> int:
