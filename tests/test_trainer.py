@@ -237,6 +237,46 @@ def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> No
     assert served_version(servers["generation"]) == int(row["weights_version"])
 
 
+def test_two_nodes_on_one_machine(servers, tmp_path) -> None:
+    """`torchrun --nnodes 2`, one rank per node, both nodes on this machine and in one directory
+    (what a shared file system gives real nodes): global ranks span the nodes, and each rank
+    writes its own shard of the checkpoint."""
+    port = str(free_port())
+    argv = [
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "1",
+        "--master_addr", "127.0.0.1", "--master_port", port,
+        "-m", "rpp_lightning.cli", "fit", "--config", TINY,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--data.val_path", str(DATA / "val.jsonl"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
+        *remote(servers, *batches(2, 4, 2), "--model.rollout.max_iterations", "2",
+                "--model.export_dir", "null"),
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [*argv[:1], "--node_rank", str(rank), *argv[1:]],
+            cwd=tmp_path,
+            env={**os.environ, **ENV},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-6000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    (log_dir,) = (tmp_path / "runs" / "tiny" / "csv").iterdir()
+    rows = read_metrics(log_dir)
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    assert all(math.isfinite(r["policy_loss"]) for r in rows)
+    assert served_version(servers["generation"]) == int(rows[-1]["weights_version"])
+    shards = sorted(p.name for p in (log_dir / "checkpoints" / "last.ckpt").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
 def test_scoring_overlaps_the_log_probs(servers, tmp_path) -> None:
     """Rewards do not feed log π_old or log π_ref: the trainer computes them while scoring runs."""
     from conftest import ServerProcess
