@@ -21,10 +21,13 @@ import sys
 # Set GOMP_SPINCOUNT yourself to override.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from rpp_lightning.data import PromptDataModule
 from rpp_lightning.module import ReinforcePP
+from rpp_lightning.progress import default_progress_bar
 from rpp_lightning.strategy import register as register_strategies
 
 
@@ -43,6 +46,15 @@ class RppCLI(LightningCLI):
         # configuration from the command line and YAML: servers may have moved since, and
         # `max_iterations` is what one usually raises when resuming.
         return
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # Lightning's default bar counts an epoch's batches; ours stops at max_iterations.
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.get("callbacks", trainer.get("callbacks")) or [])
+        wants_bar = trainer.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, default_progress_bar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RppCLI:

@@ -277,6 +277,32 @@ def test_two_nodes_on_one_machine(servers, tmp_path) -> None:
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.parametrize("bar", ["default", "tqdm"])
+def test_progress_bar_counts_the_runs_iterations(servers, tmp_path, bar) -> None:
+    """Lightning's bar counts the epoch's 5000 batches ("3/5000"); ours stops at the run's 3."""
+    extra = [] if bar == "default" else [
+        "--trainer.callbacks+=rpp_lightning.progress.IterationTQDMProgressBar"
+    ]  # fmt: skip
+    argv = [
+        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", TINY,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--data.val_path", str(DATA / "val.jsonl"),
+        *remote(servers, "--model.rollout.max_iterations", "3", "--model.export_dir", "null"),
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, **ENV, "COLUMNS": "250"}  # Rich wraps at 80 columns off a terminal
+    result = subprocess.run(
+        argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    bars = [line for line in lines if line.startswith("Epoch 0")]
+    assert bars, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " 3/3 " in bars[-1] and "/-2" not in bars[-1], bars[-1]
+    for key in ("reward", "accuracy", "kl", "response_length"):
+        assert key in bars[-1], key
+
+
 def test_scoring_overlaps_the_log_probs(servers, tmp_path) -> None:
     """Rewards do not feed log π_old or log π_ref: the trainer computes them while scoring runs."""
     from conftest import ServerProcess
