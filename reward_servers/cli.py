@@ -22,12 +22,8 @@ from typing import Any
 
 from reward_servers.base import Verifier
 from reward_servers.servicer import RequestLimits, RewardServicer
-from rpp_lightning.serving import (
-    GrpcServer,
-    add_server_arguments,
-    configure_logging,
-    server_config_from_args,
-)
+from rpp_lightning.server_config import add_server_arguments, server_config_from_args
+from rpp_lightning.serving import GrpcServer, configure_logging
 
 BUILTIN = {
     "math": "reward_servers.math_verifier:MathVerifier",

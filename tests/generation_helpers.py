@@ -19,7 +19,8 @@ from rpp_lightning.generation.server import GenerationLimits, GenerationServicer
 from rpp_lightning.generation.transformers_backend import TransformersBackend, row_uniforms
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
-from rpp_lightning.serving import GrpcServer, ServerConfig
+from rpp_lightning.server_config import ServerConfig
+from rpp_lightning.serving import GrpcServer
 
 
 @contextlib.contextmanager

@@ -43,7 +43,12 @@ _BLOCK_TORCH = (
     [
         ["rpp_lightning.proto.reward_pb2", "rpp_lightning.proto.reward_pb2_grpc"],
         ["rpp_lightning.proto.generation_pb2", "rpp_lightning.proto.generation_pb2_grpc"],
-        ["rpp_lightning.serving", "rpp_lightning.channels", "reward_servers"],
+        [
+            "rpp_lightning.serving",
+            "rpp_lightning.server_config",
+            "rpp_lightning.channels",
+            "reward_servers",
+        ],
     ],
 )
 def test_light_path_never_imports_torch(modules: list[str]) -> None:

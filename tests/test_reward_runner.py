@@ -18,7 +18,7 @@ from reward_test_verifiers import ExactMatch, SleepyLength, request, reward_stub
 
 from reward_servers.servicer import RequestLimits
 from rpp_lightning.proto import reward_pb2
-from rpp_lightning.serving import ServerConfig
+from rpp_lightning.server_config import ServerConfig
 
 
 def test_health_reflection_and_info():

@@ -13,7 +13,8 @@ from rpp_lightning.config import RewardSource, RolloutConfig
 from rpp_lightning.data import PromptDataModule, ResumableSampler, read_rows
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.rewards import RewardClient, RewardQuery
-from rpp_lightning.serving import GrpcServer, ServerConfig
+from rpp_lightning.server_config import ServerConfig
+from rpp_lightning.serving import GrpcServer
 from rpp_lightning.update import PolicyUpdateConfig, micro_batch_loss, policy_update
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -14,12 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rpp_lightning.serving import (
-    GrpcServer,
-    add_server_arguments,
-    configure_logging,
-    server_config_from_args,
-)
+from rpp_lightning.server_config import add_server_arguments, server_config_from_args
+from rpp_lightning.serving import GrpcServer, configure_logging
 
 log = logging.getLogger("rpp.generation")
 
