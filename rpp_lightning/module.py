@@ -52,6 +52,7 @@ from rpp_lightning.update import (
 
 log = logging.getLogger("rpp.train")
 PROGRESS_BAR_KEYS = ("reward", "accuracy", "kl", "response_length")
+REFERENCE_PREFIX = "reference."  # the frozen reference model's keys (never checkpointed)
 
 
 class ReinforcePP(pl.LightningModule):
@@ -373,9 +374,6 @@ class ReinforcePP(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         self.experience.close()
         self.servers.stop()
-
-
-REFERENCE_PREFIX = "reference."
 
 
 def _drop_reference_weights(module, state_dict: dict, prefix: str, local_metadata) -> None:

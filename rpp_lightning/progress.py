@@ -12,7 +12,7 @@ unless the configuration disables the bar or brings its own.
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE  # Lightning's own test for it
 
 
 class _StopsAtMaxIterations:
@@ -37,7 +37,8 @@ class IterationRichProgressBar(_StopsAtMaxIterations, RichProgressBar):
     """Rich bar whose total is the iterations left in the run."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        # Lightning's says "Epoch 0/-2" when max_epochs is -1 (epochs are unbounded here)
+        # Lightning's says "Epoch 0/-2" when max_epochs is -1 (epochs are unbounded here); a
+        # private hook, so a Lightning upgrade may bring the old title back, nothing worse.
         description = f"Epoch {current_epoch}"
         return f"{description:{len(self.validation_description)}}"
 
