@@ -5,7 +5,6 @@ all-reduced whitening and advantages must match a single process working on the 
 """
 
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from rpp_lightning.algorithms import RunningMeanStd, compute_advantages, masked_whiten
 
@@ -23,12 +23,6 @@ MASKS = [
     # rank 1: B=5, T=4 — one-token row, shorter rows, masked token inside
     torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 0, 0]]),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _parts() -> list[dict[str, torch.Tensor]]:
@@ -100,7 +94,7 @@ def _worker(rank: int, world_size: int, port: int, parts: list, out_dir: str) ->
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_global_whitening_and_advantages_match_concatenated_batch(tmp_path: Path):
     parts = _parts()
-    mp.spawn(_worker, args=(2, _free_port(), parts, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), parts, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     full = _concatenated(parts)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from rpp_lightning.config import PolicyConfig
 from rpp_lightning.policy import full_state_dict, load_causal_lm, load_sharded_causal_lm
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -68,7 +62,7 @@ def test_rank0_loads_and_every_rank_gets_the_same_model(tmp_path) -> None:
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(tmp_path / "model")
     mp.spawn(
         _worker,
-        args=(_free_port(), str(tmp_path / "model"), str(tmp_path)),
+        args=(free_port(), str(tmp_path / "model"), str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -11,7 +11,6 @@ import csv
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import ROOT, python_module, wait_for
+from conftest import ROOT, free_port, python_module, wait_for
 from safetensors.torch import load_file
 
 from rpp_lightning.proto import generation_pb2, generation_pb2_grpc
@@ -31,22 +30,39 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHO
 pytestmark = pytest.mark.slow
 
 
-def train(cwd: Path, *overrides: str, devices: int = 1, timeout_s: float = 400) -> Path:
+def fit_args(*overrides: str) -> list[str]:
+    """`fit` on configs/tiny.yaml with the committed arithmetic prompts, then `overrides`."""
+    return [
+        "fit", "--config", TINY,
+        "--data.train_path", str(DATA / "train.jsonl"),
+        "--data.val_path", str(DATA / "val.jsonl"),
+        *overrides,
+    ]  # fmt: skip
+
+
+def run_ok(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a trainer command to its end; fail the test with its output unless it succeeded."""
+    result = subprocess.run(
+        argv, cwd=cwd, env={**os.environ, **ENV, **env}, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def train(cwd: Path, *overrides: str, devices: int = 1) -> Path:
     """Run `rpp-train fit` on configs/tiny.yaml in `cwd`; return the CSV log directory."""
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", TINY,
-        "--data.train_path", str(DATA / "train.jsonl"),
-        "--data.val_path", str(DATA / "val.jsonl"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.devices", str(devices),
-        *(["--trainer.strategy", "fsdp2"] if devices > 1 else []),
-        *overrides,
+        sys.executable, "-m", "rpp_lightning.cli",
+        *fit_args(
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.devices", str(devices),
+            *(["--trainer.strategy", "fsdp2"] if devices > 1 else []),
+            *overrides,
+        ),
     ]  # fmt: skip
-    result = subprocess.run(
-        argv, cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_ok(argv, cwd)
     versions = sorted((cwd / "runs" / "tiny" / "csv").iterdir())
     return versions[-1]
 
@@ -203,12 +219,6 @@ def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) ->
         assert [r[key] for r in straight[2:]] == expected, key
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("launcher", ["torchrun", "fabric-run"])
 def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> None:
     """`torchrun` and Lightning's `fabric run` start the ranks; the trainer joins them."""
@@ -220,17 +230,14 @@ def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> No
                        "--main-port", port, str(ROOT / "rpp_lightning" / "cli.py")],
     }[launcher]  # fmt: skip
     argv = [
-        *command, "fit", "--config", TINY,
-        "--data.train_path", str(DATA / "train.jsonl"),
-        "--data.val_path", str(DATA / "val.jsonl"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-        *remote(servers, "--model.rollout.max_iterations", "1", "--model.export_dir", "null"),
+        *command,
+        *fit_args(
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+            *remote(servers, "--model.rollout.max_iterations", "1", "--model.export_dir", "null"),
+        ),
     ]  # fmt: skip
-    result = subprocess.run(
-        argv, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=400
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_ok(argv, tmp_path)
     (log_dir,) = (tmp_path / "runs" / "tiny" / "csv").iterdir()
     (row,) = read_metrics(log_dir)
     assert math.isfinite(row["policy_loss"])
@@ -245,13 +252,13 @@ def test_two_nodes_on_one_machine(servers, tmp_path) -> None:
     argv = [
         "torchrun", "--nnodes", "2", "--nproc_per_node", "1",
         "--master_addr", "127.0.0.1", "--master_port", port,
-        "-m", "rpp_lightning.cli", "fit", "--config", TINY,
-        "--data.train_path", str(DATA / "train.jsonl"),
-        "--data.val_path", str(DATA / "val.jsonl"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
-        *remote(servers, *batches(2, 4, 2), "--model.rollout.max_iterations", "2",
-                "--model.export_dir", "null"),
+        "-m", "rpp_lightning.cli",
+        *fit_args(
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
+            *remote(servers, *batches(2, 4, 2), "--model.rollout.max_iterations", "2",
+                    "--model.export_dir", "null"),
+        ),
     ]  # fmt: skip
     nodes = [
         subprocess.Popen(
@@ -284,17 +291,13 @@ def test_progress_bar_counts_the_runs_iterations(servers, tmp_path, bar) -> None
         "--trainer.callbacks+=rpp_lightning.progress.IterationTQDMProgressBar"
     ]  # fmt: skip
     argv = [
-        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", TINY,
-        "--data.train_path", str(DATA / "train.jsonl"),
-        "--data.val_path", str(DATA / "val.jsonl"),
-        *remote(servers, "--model.rollout.max_iterations", "3", "--model.export_dir", "null"),
-        *extra,
+        sys.executable, "-m", "rpp_lightning.cli",
+        *fit_args(
+            *remote(servers, "--model.rollout.max_iterations", "3", "--model.export_dir", "null"),
+            *extra,
+        ),
     ]  # fmt: skip
-    env = {**os.environ, **ENV, "COLUMNS": "250"}  # Rich wraps at 80 columns off a terminal
-    result = subprocess.run(
-        argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    result = run_ok(argv, tmp_path, COLUMNS="250")  # Rich wraps at 80 columns off a terminal
     lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
     bars = [line for line in lines if line.startswith("Epoch 0")]
     assert bars, result.stdout[-3000:] + result.stderr[-3000:]
@@ -338,11 +341,11 @@ def test_scoring_overlaps_the_log_probs(servers, tmp_path) -> None:
 def test_export_on_request_with_sigusr1(servers, tmp_path) -> None:
     start = served_version(servers["generation"])
     argv = [
-        sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", TINY,
-        "--data.train_path", str(DATA / "train.jsonl"),
-        "--data.val_path", str(DATA / "val.jsonl"),
-        "--trainer.enable_progress_bar", "false",
-        *remote(servers, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"),
+        sys.executable, "-m", "rpp_lightning.cli",
+        *fit_args(
+            "--trainer.enable_progress_bar", "false",
+            *remote(servers, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"),
+        ),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, **ENV}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip

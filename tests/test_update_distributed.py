@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from rpp_lightning.metrics import reduce_metrics
 from rpp_lightning.update import check_same_rows_on_every_rank
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -49,7 +43,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_unequal_work_is_refused_and_metrics_reduce_over_ranks(tmp_path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "different rollout batch sizes (max 8, min 6" in result["unequal"]
