@@ -29,8 +29,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from reward_servers.base import SampleInput, ScoreResult, Verifier
-from reward_servers.worker_pool import TIMED_OUT, DeadlinePassed, PoolClosed, WorkerPool
+from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone
+from reward_servers.worker_pool import (
+    TIMED_OUT,
+    CallerGone,
+    DeadlinePassed,
+    PoolClosed,
+    WorkerPool,
+)
 from rpp_lightning.serving import StatusError
 
 FALLBACKS = ("boxed", "answer_is", "last_number")
@@ -204,7 +210,12 @@ class MathVerifier(Verifier):
         """One Verdict per sample, computed in the worker processes."""
         tasks = [(s.response, s.reference, self.fallbacks, self.soft_timeout_s) for s in samples]
         try:
-            results = self.pool.map(tasks, deadline_s)
+            results = self.pool.map(tasks, deadline_s, client_gone())
+        except CallerGone as exc:  # nobody will read the verdicts: stop the queued tasks
+            raise StatusError(
+                grpc.StatusCode.CANCELLED,
+                f"the client went away while {len(samples)} samples were verified ({exc})",
+            ) from exc
         except DeadlinePassed as exc:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ import grpc
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from reward_servers.base import SampleInput, ScoreResult, Verifier
+from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone, wait_for
 from rpp_lightning.serving import StatusError
 
 log = logging.getLogger("rpp.reward.preference")
@@ -135,15 +136,20 @@ class PreferenceModel(Verifier):
         """Tokenize here, score in the batcher together with other requests' samples."""
         with self._tokenize_lock:
             pending = _Pending([self.encode(s) for s in samples])
+        start = time.monotonic()
         self._queue.put(pending)
-        try:
-            rewards = pending.future.result(timeout=deadline_s)
-        except futures.TimeoutError as exc:
+        if wait_for([pending.future], deadline_s, client_gone()):
             pending.future.cancel()  # the batcher skips it if it has not started it yet
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+                raise StatusError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline passed before {len(samples)} samples were scored",
+                )
             raise StatusError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"deadline passed before {len(samples)} samples were scored",
-            ) from exc
+                grpc.StatusCode.CANCELLED,
+                f"the client went away before {len(samples)} samples were scored",
+            )
+        rewards = pending.future.result()
         return [
             ScoreResult(reward, {"tokens": str(len(ids))})
             for reward, ids in zip(rewards, pending.ids, strict=True)

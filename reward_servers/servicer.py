@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 
-from reward_servers.base import SampleInput, Verifier
+from reward_servers.base import SampleInput, Verifier, serving_call
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument
 
@@ -153,7 +154,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         # gRPC reports "no deadline" as a huge number of seconds, which overflows timers below.
         if remaining is not None and remaining > _NO_DEADLINE_S:
             remaining = None
-        return self.score_request(request, remaining)
+        # Runs when the call ends for any reason: a client that cancels or dies, or whose
+        # deadline passes, sets it while the verifier still works (see base.client_gone).
+        gone = threading.Event()
+        if not context.add_callback(gone.set):
+            gone.set()  # it has already ended
+        with serving_call(gone):
+            return self.score_request(request, remaining)
 
     def GetInfo(self, request: reward_pb2.GetInfoRequest, context: grpc.ServicerContext):
         """rpp.v1.RewardService/GetInfo: from the verifier's class attributes and the limits."""

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
+from reward_servers.base import wait_for
+
 log = logging.getLogger("rpp.reward.pool")
 
 TIMED_OUT = "timed_out"
@@ -33,6 +35,11 @@ TIMED_OUT = "timed_out"
 
 class DeadlinePassed(Exception):
     """The caller's deadline passed before every task finished; pending tasks were dropped."""
+
+
+class CallerGone(Exception):
+    """The caller's `abandon` event was set before every task finished; pending tasks were
+    dropped."""
 
 
 class PoolClosed(Exception):
@@ -179,23 +186,33 @@ class WorkerPool:
             slot.spawn()  # start every worker now: the first request should not pay for it
             slot.thread.start()
 
-    def map(self, tasks: Sequence[Any], deadline_s: float | None = None) -> list[Any]:
+    def map(
+        self,
+        tasks: Sequence[Any],
+        deadline_s: float | None = None,
+        abandon: threading.Event | None = None,
+    ) -> list[Any]:
         """Run `fn` on every task in parallel; results in order (TIMED_OUT for killed ones).
 
-        Raises DeadlinePassed when `deadline_s` seconds pass first (queued tasks are dropped),
-        PoolClosed when the pool is closed meanwhile, WorkerCrashed when a worker died,
-        TaskFailed when `fn` raised.
+        Raises DeadlinePassed when `deadline_s` seconds pass first, CallerGone when `abandon`
+        is set first (in both cases queued tasks are dropped; running ones finish, within
+        hard_timeout_s), PoolClosed when the pool is closed meanwhile, WorkerCrashed when a
+        worker died, TaskFailed when `fn` raised.
         """
         if self.closed:
             raise PoolClosed("the pool is closed")
         pending = [futures.Future() for _ in tasks]
         for future, task in zip(pending, tasks, strict=True):
             self.tasks.put((future, task))
-        _, not_done = futures.wait(pending, timeout=deadline_s)
+        start = time.monotonic()
+        not_done = wait_for(pending, deadline_s, abandon or threading.Event())
         if not_done:
             for future in not_done:
-                future.cancel()
-            raise DeadlinePassed(f"{len(not_done)} of {len(tasks)} tasks unfinished")
+                future.cancel()  # the slot that takes it skips it; running ones cannot stop
+            unfinished = f"{len(not_done)} of {len(tasks)} tasks unfinished"
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+                raise DeadlinePassed(unfinished)
+            raise CallerGone(unfinished)
         if any(future.cancelled() for future in pending):  # close() dropped them from the queue
             raise PoolClosed("the pool was closed before every task ran")
         return [future.result() for future in pending]

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 
 import grpc
 
-from reward_servers.base import SampleInput, ScoreResult, Verifier
+from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone
 from reward_servers.servicer import RequestLimits, RewardServicer
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.server_config import ServerConfig
-from rpp_lightning.serving import GrpcServer
+from rpp_lightning.serving import GrpcServer, StatusError
 
 
 class SleepyLength(Verifier):
@@ -38,6 +38,23 @@ class SleepyLength(Verifier):
             ScoreResult(len(s.response) * self.scale, {"slept_s": str(self.sleep_s)})
             for s in samples
         ]
+
+
+class WaitsForClient(Verifier):
+    """Never answers by itself: waits for `client_gone()` and records after how long it was set."""
+
+    name = "waits-for-client"
+    kind = "test"
+
+    def __init__(self) -> None:
+        self.gone_after_s: list[float] = []
+
+    def score(self, samples: list[SampleInput], deadline_s: float | None) -> list[ScoreResult]:
+        start = time.monotonic()
+        if not client_gone().wait(30):
+            raise StatusError(grpc.StatusCode.INTERNAL, "the client never went away")
+        self.gone_after_s.append(time.monotonic() - start)
+        raise StatusError(grpc.StatusCode.CANCELLED, "the client went away")
 
 
 class ExactMatch(Verifier):

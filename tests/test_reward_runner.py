@@ -6,6 +6,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import threading
+import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -14,8 +17,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from reward_test_verifiers import ExactMatch, SleepyLength, request, reward_stub, serving
+from reward_test_verifiers import (
+    ExactMatch,
+    SleepyLength,
+    WaitsForClient,
+    request,
+    reward_stub,
+    serving,
+)
 
+from reward_servers.base import wait_for
 from reward_servers.servicer import RequestLimits
 from rpp_lightning.proto import reward_pb2
 from rpp_lightning.server_config import ServerConfig
@@ -51,6 +62,39 @@ def test_deadline_exceeded_then_keeps_serving():
 
 
 @pytest.mark.timeout(30)
+def test_a_verifier_learns_when_its_client_has_gone():
+    """client_gone() is set when the client cancels and when its deadline passes."""
+    verifier = WaitsForClient()
+    with serving(verifier) as server, grpc.insecure_channel(server.address) as channel:
+        stub = reward_stub(channel)
+        call = stub.Score.future(request(("a", "x", "")), timeout=20)
+        time.sleep(0.3)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(request(("b", "y", "")), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        end = time.monotonic() + 5
+        while len(verifier.gone_after_s) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+    cancelled, timed_out = verifier.gone_after_s
+    assert 0.2 < cancelled < 1.5  # at the cancel, not at the 20 s deadline
+    assert 0.3 < timed_out < 1.5
+
+
+def test_wait_for_returns_at_done_deadline_or_gone():
+    gone = threading.Event()
+    done, pending = futures.Future(), futures.Future()
+    done.set_result(1)
+    assert wait_for([done], None, gone) == set()
+    start = time.monotonic()
+    assert wait_for([done, pending], 0.2, gone) == {pending}
+    assert 0.15 < time.monotonic() - start < 0.6
+    threading.Timer(0.2, gone.set).start()
+    start = time.monotonic()
+    assert wait_for([pending], None, gone) == {pending}
+    assert 0.15 < time.monotonic() - start < 0.6
+
+
 def test_concurrency_limit_is_resource_exhausted():
     config = ServerConfig(port=0, max_concurrent_rpcs=2)
     with (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent import futures
 
@@ -10,6 +11,7 @@ from reward_test_verifiers import pool_task
 
 from reward_servers.worker_pool import (
     TIMED_OUT,
+    CallerGone,
     DeadlinePassed,
     PoolClosed,
     TaskFailed,
@@ -60,6 +62,20 @@ def test_deadline_drops_queued_tasks(pool):
     time.sleep(0.4)  # the two running tasks finish; the four queued ones must not run
     start = time.monotonic()
     assert pool.map(["i", "j"], deadline_s=5) == ["I", "J"]
+    assert time.monotonic() - start < 0.3
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_that_goes_away_drops_its_queued_tasks(pool):
+    gone = threading.Event()
+    threading.Timer(0.3, gone.set).start()
+    start = time.monotonic()
+    with pytest.raises(CallerGone, match="6 of 6 tasks unfinished"):
+        pool.map(["sleep:0.8"] * 6, deadline_s=30, abandon=gone)
+    assert time.monotonic() - start < 0.7  # noticed at once, not after the deadline
+    time.sleep(0.7)  # the two running tasks finish; the four queued ones must not run
+    start = time.monotonic()
+    assert pool.map(["k", "l"], deadline_s=5, abandon=threading.Event()) == ["K", "L"]
     assert time.monotonic() - start < 0.3
 
 
