@@ -38,6 +38,10 @@ class PolicyConfig:
     """Seed for random initialisation from `config`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    mixed_precision: bool | None = None
+    """Under FSDP2 (`--trainer.strategy fsdp2`): compute in bf16, keep fp32 master weights and
+    reduce gradients in fp32. None: on with CUDA, off on CPU (where bf16 is slow; `true` there
+    runs the same code path, as the tests do)."""
 
     def validate(self) -> None:
         problems = []

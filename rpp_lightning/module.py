@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -53,6 +54,15 @@ from rpp_lightning.update import (
 log = logging.getLogger("rpp.train")
 PROGRESS_BAR_KEYS = ("reward", "accuracy", "kl", "response_length")
 REFERENCE_PREFIX = "reference."  # the frozen reference model's keys (never checkpointed)
+
+# Warnings about what this module does on purpose, printed on every run; matched narrowly.
+for _intended in (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen reference model
+    r"You have overridden `transfer_batch_to_device`",  # see transfer_batch_to_device below
+    r"Using ModelCheckpoint with manual optimization",  # saved after an iteration's updates
+    r"Detected an existing checkpoint in .*last\.ckpt",  # ModelCheckpoint(save_last) rewrites it
+):
+    warnings.filterwarnings("ignore", message=_intended)
 
 
 class ReinforcePP(pl.LightningModule):
@@ -134,13 +144,20 @@ class ReinforcePP(pl.LightningModule):
         if self.policy is not None:  # configure_model may run once per stage
             return
         mesh = self.device_mesh
+        mixed = self.policy_config.mixed_precision
         if mesh is None:
+            if mixed:
+                raise ValueError(
+                    "policy.mixed_precision is FSDP2's: add --trainer.strategy fsdp2 "
+                    "(it also runs with --trainer.devices 1)"
+                )
             self.policy = load_causal_lm(self.policy_config)
             self.reference = load_causal_lm(self.policy_config, reference=True)
             return
         # FSDP2: rank 0 reads the weights, the other ranks receive their shards (policy.py)
         dp_mesh = mesh["data_parallel"]
-        mixed = dp_mesh.device_type == "cuda"
+        if mixed is None:
+            mixed = dp_mesh.device_type == "cuda"
         device = self.trainer.strategy.root_device
         self.policy = load_sharded_causal_lm(self.policy_config, dp_mesh, device, False, mixed)
         self.reference = load_sharded_causal_lm(self.policy_config, dp_mesh, device, True, mixed)
