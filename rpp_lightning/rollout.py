@@ -95,11 +95,13 @@ class ExperienceMaker:
         with timed(timings, "score_wait"):
             reward_batch = scoring.result()
         cfg, group = self.algorithm, data_parallel_group()
-        rewards = torch.tensor(reward_batch.total, dtype=torch.float32)
+        # on the device: batch and running normalisation all-reduce it, and NCCL takes no CPU
+        # tensors
+        rewards = torch.tensor(reward_batch.total, dtype=torch.float32, device=device)
         rewards = A.normalize_rewards(
             rewards, cfg.reward_normalization, self.running_reward, group=group
         )
-        exp.rewards = A.clip_rewards(rewards, cfg.reward_clip).to(device)
+        exp.rewards = A.clip_rewards(rewards, cfg.reward_clip)
         stats = self.advantages(exp)
         return IterationExperience(exp, rollouts, reward_batch, entropy, stats)
 
