@@ -56,11 +56,12 @@ def wait_for(
     """Wait until every future in `pending` is done, `deadline_s` seconds have passed, or
     `gone` is set (usually `client_gone()`); return the futures not done (none: all done)."""
     end = None if deadline_s is None else time.monotonic() + deadline_s
+    not_done = set(pending)
     while True:
         left = None if end is None else max(0.0, end - time.monotonic())
         # an Event cannot wake futures.wait: look at it between short waits
         _, not_done = futures.wait(
-            pending, timeout=_GONE_POLL_S if left is None else min(left, _GONE_POLL_S)
+            not_done, timeout=_GONE_POLL_S if left is None else min(left, _GONE_POLL_S)
         )
         if not not_done or gone.is_set() or (end is not None and time.monotonic() >= end):
             return not_done
