@@ -3,7 +3,8 @@
 `concurrent.futures.ProcessPoolExecutor` cannot stop one task: killing a worker breaks the
 whole pool. Here each worker process has one parent-side thread that feeds it tasks one at a
 time from a shared queue. When a task overruns `hard_timeout_s` the thread SIGKILLs the process,
-starts a fresh one and reports `TIMED_OUT` for that task; the other workers keep going.
+starts a fresh one and reports `TIMED_OUT` for that task; the other workers keep going. The
+same happens to the running tasks of a caller that has gone away (`map(..., abandon=event)`).
 
 Processes come from a `forkserver`: forking the gRPC server process itself (threads, locks held
 mid-call) is unsafe, and the fork server preloads `preload` modules once, so replacing a killed
@@ -28,6 +29,8 @@ from typing import Any
 from reward_servers.base import wait_for
 
 log = logging.getLogger("rpp.reward.pool")
+
+_ABANDON_LOOK_S = 0.05  # how often a slot running a task looks whether its caller has gone
 
 TIMED_OUT = "timed_out"
 """Result of a task whose worker was killed for overrunning hard_timeout_s."""
@@ -70,6 +73,12 @@ def _worker_main(conn, fn: Callable[[Any], Any]) -> None:
             conn.send((True, fn(task)))
         except BaseException as exc:  # anything fn raises is the task's result, not our crash
             conn.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+def _next_look(end: float, abandon: threading.Event | None) -> float:
+    """Seconds to wait for a worker's answer before looking at the deadline and `abandon`."""
+    left = max(0.0, end - time.monotonic())
+    return left if abandon is None else min(left, _ABANDON_LOOK_S)
 
 
 class _Slot:
@@ -116,13 +125,13 @@ class _Slot:
             item = self.pool.tasks.get()
             if item is None:
                 return
-            future, task = item
+            future, task, abandon = item
             if not future.set_running_or_notify_cancel():
                 continue  # its request gave up (deadline, shutdown); skip the work
             error: Exception | None = None
             try:
-                result = self.run_one(task)
-            except TaskFailed as exc:  # the task's own error: the worker is fine
+                result = self.run_one(task, abandon)
+            except (TaskFailed, CallerGone) as exc:  # the task's own end: nothing is broken
                 error = exc
             except Exception as exc:  # never let this thread die with a future unresolved
                 if self.pool.closed:  # close() killed the worker under this task
@@ -143,20 +152,28 @@ class _Slot:
             else:
                 future.set_exception(error)
 
-    def run_one(self, task: Any) -> Any:
-        """fn(task) in this slot's process; TIMED_OUT after killing it if it overruns."""
+    def run_one(self, task: Any, abandon: threading.Event | None) -> Any:
+        """fn(task) in this slot's process; TIMED_OUT after killing it if it overruns, and
+        CallerGone after killing it if `abandon` is set meanwhile (nobody reads the result)."""
         if self.process is None:
             self.spawn()
         conn = self.conn
         if conn is None:  # killed by close() since the line above
             raise PoolClosed("the pool is closed")
         conn.send(task)
-        if not conn.poll(self.pool.hard_timeout_s):
-            log.warning(
-                "worker %d overran %.1fs: killed and replaced", self.index, self.pool.hard_timeout_s
-            )
-            self.kill()
-            return TIMED_OUT
+        end = time.monotonic() + self.pool.hard_timeout_s
+        while not conn.poll(_next_look(end, abandon)):
+            if abandon is not None and abandon.is_set():
+                self.kill()
+                raise CallerGone("the caller went away while the task ran")
+            if time.monotonic() >= end:
+                log.warning(
+                    "worker %d overran %.1fs: killed and replaced",
+                    self.index,
+                    self.pool.hard_timeout_s,
+                )
+                self.kill()
+                return TIMED_OUT
         ok, value = conn.recv()  # EOFError if the process died (e.g. out of memory)
         if not ok:
             raise TaskFailed(value)
@@ -194,21 +211,21 @@ class WorkerPool:
     ) -> list[Any]:
         """Run `fn` on every task in parallel; results in order (TIMED_OUT for killed ones).
 
-        Raises DeadlinePassed when `deadline_s` seconds pass first, CallerGone when `abandon`
-        is set first (in both cases queued tasks are dropped; running ones finish, within
-        hard_timeout_s), PoolClosed when the pool is closed meanwhile, WorkerCrashed when a
-        worker died, TaskFailed when `fn` raised.
+        Raises DeadlinePassed when `deadline_s` seconds pass first (queued tasks are dropped,
+        running ones finish within hard_timeout_s), CallerGone when `abandon` is set first
+        (queued tasks are dropped, running ones killed), PoolClosed when the pool is closed
+        meanwhile, WorkerCrashed when a worker died, TaskFailed when `fn` raised.
         """
         if self.closed:
             raise PoolClosed("the pool is closed")
         pending = [futures.Future() for _ in tasks]
         for future, task in zip(pending, tasks, strict=True):
-            self.tasks.put((future, task))
+            self.tasks.put((future, task, abandon))
         start = time.monotonic()
         not_done = wait_for(pending, deadline_s, abandon or threading.Event())
         if not_done:
             for future in not_done:
-                future.cancel()  # the slot that takes it skips it; running ones cannot stop
+                future.cancel()  # the slot that takes it skips it
             unfinished = f"{len(not_done)} of {len(tasks)} tasks unfinished"
             if deadline_s is not None and time.monotonic() - start >= deadline_s:
                 raise DeadlinePassed(unfinished)
