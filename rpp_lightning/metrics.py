@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ import torch.distributed as dist
 from rpp_lightning.algorithms import masked_mean
 from rpp_lightning.experience import Experience
 from rpp_lightning.rewards import RewardBatch
+
+if TYPE_CHECKING:  # rollout.py imports this module
+    from rpp_lightning.rollout import IterationExperience
 
 
 @contextmanager
@@ -57,6 +61,24 @@ def rollout_metrics(
         values = torch.tensor(rollout.logprobs, dtype=engine.dtype)
         engine[row, : len(values)] = values.to(engine.device)
     metrics["logprob_gap"] = masked_mean((engine - exp.old_log_probs).abs(), mask).item()
+    return metrics
+
+
+def iteration_metrics(
+    made: IterationExperience,
+    steps: list[dict[str, torch.Tensor]],
+    timings: dict[str, float],
+    max_new_tokens: int,
+) -> dict[str, float | None]:
+    """Every metric of algorithm.md §7 for one rank's iteration: rollouts and rewards, the
+    updates, π_old's entropy, advantages before normalisation, phase times, tokens/s."""
+    exp = made.exp
+    metrics = rollout_metrics(exp, made.rollouts, made.rewards, max_new_tokens)
+    metrics.update(update_metrics(steps))
+    metrics["entropy"] = masked_mean(made.entropy, exp.action_mask).item()
+    metrics.update({f"adv/{k}": v for k, v in made.advantage_stats.items()})
+    metrics.update({f"time/{k}": v for k, v in timings.items()})
+    metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)
     return metrics
 
 

@@ -34,7 +34,7 @@ from rpp_lightning.config import (
 )
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience
-from rpp_lightning.metrics import reduce_metrics, rollout_metrics, timed, update_metrics
+from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed
 from rpp_lightning.policy import (
     export_hf,
     full_state_dict,
@@ -244,19 +244,13 @@ class ReinforcePP(pl.LightningModule):
             prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
         )
         made = self.experience.make(batch, rollout_step, self.policy, self.reference, timings)
-        exp = made.exp
         with timed(timings, "update"):
-            steps = self._update(exp)
+            steps = self._update(made.exp)
         self.lr_schedulers().step()
         with timed(timings, "weight_sync"):
             self._sync_weights()
         timings["step"] = time.perf_counter() - step_start
-        metrics = rollout_metrics(exp, made.rollouts, made.rewards, self.rollout.max_new_tokens)
-        metrics.update(update_metrics(steps))
-        metrics["entropy"] = A.masked_mean(made.entropy, exp.action_mask).item()
-        metrics.update({f"adv/{k}": v for k, v in made.advantage_stats.items()})
-        metrics.update({f"time/{k}": v for k, v in timings.items()})
-        metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)
+        metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
         metrics["weights_version"] = float(self.weights_version)
         metrics["lr"] = self.lr_schedulers().get_last_lr()[0]
         self._log_metrics(metrics)
