@@ -41,8 +41,8 @@ class DeadlinePassed(Exception):
 
 
 class CallerGone(Exception):
-    """The caller's `abandon` event was set before every task finished; pending tasks were
-    dropped."""
+    """The caller's `abandon` event was set before every task finished; queued tasks were
+    dropped, running ones killed."""
 
 
 class PoolClosed(Exception):
