@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 _NEVER_SET = threading.Event()
-_GONE_POLL_S = 0.05  # how soon wait_for notices that the client has gone
+_GONE_POLL_S = 0.05  # how soon wait_for_futures notices that the client has gone
 _client_gone: contextvars.ContextVar[threading.Event] = contextvars.ContextVar(
     "client_gone", default=_NEVER_SET
 )
@@ -50,7 +50,7 @@ def serving_call(gone: threading.Event) -> Iterator[None]:
         _client_gone.reset(token)
 
 
-def wait_for(
+def wait_for_futures(
     pending: Collection[Future], deadline_s: float | None, gone: threading.Event
 ) -> set[Future]:
     """Wait until every future in `pending` is done, `deadline_s` seconds have passed, or
@@ -109,7 +109,7 @@ class Verifier(abc.ABC):
         `deadline_s` is the time left before the client gives up (None: no deadline). A
         verifier that can stop early should; the servicer answers DEADLINE_EXCEEDED once it
         has passed either way. `client_gone()` tells when the client has given up for any
-        reason (`wait_for` waits on futures with both in mind). Raise
+        reason (`wait_for_futures` waits on futures with both in mind). Raise
         `rpp_lightning.serving.StatusError` to end the call with a specific status; any other
         exception becomes INTERNAL.
         """

@@ -28,7 +28,7 @@ import grpc
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone, wait_for
+from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone, wait_for_futures
 from rpp_lightning.serving import StatusError
 
 log = logging.getLogger("rpp.reward.preference")
@@ -138,7 +138,7 @@ class PreferenceModel(Verifier):
             pending = _Pending([self.encode(s) for s in samples])
         start = time.monotonic()
         self._queue.put(pending)
-        if wait_for([pending.future], deadline_s, client_gone()):
+        if wait_for_futures([pending.future], deadline_s, client_gone()):
             pending.future.cancel()  # the batcher skips it if it has not started it yet
             if deadline_s is not None and time.monotonic() - start >= deadline_s:
                 raise StatusError(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
-from reward_servers.base import wait_for
+from reward_servers.base import wait_for_futures
 
 log = logging.getLogger("rpp.reward.pool")
 
@@ -222,7 +222,7 @@ class WorkerPool:
         for future, task in zip(pending, tasks, strict=True):
             self.tasks.put((future, task, abandon))
         start = time.monotonic()
-        not_done = wait_for(pending, deadline_s, abandon or threading.Event())
+        not_done = wait_for_futures(pending, deadline_s, abandon or threading.Event())
         if not_done:
             for future in not_done:
                 future.cancel()  # the slot that takes it skips it

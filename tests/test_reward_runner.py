@@ -26,7 +26,7 @@ from reward_test_verifiers import (
     serving,
 )
 
-from reward_servers.base import wait_for
+from reward_servers.base import wait_for_futures
 from reward_servers.servicer import RequestLimits
 from rpp_lightning.proto import reward_pb2
 from rpp_lightning.server_config import ServerConfig
@@ -81,17 +81,17 @@ def test_a_verifier_learns_when_its_client_has_gone():
     assert 0.3 < timed_out < 1.5
 
 
-def test_wait_for_returns_at_done_deadline_or_gone():
+def test_wait_for_futures_returns_at_done_deadline_or_gone():
     gone = threading.Event()
     done, pending = futures.Future(), futures.Future()
     done.set_result(1)
-    assert wait_for([done], None, gone) == set()
+    assert wait_for_futures([done], None, gone) == set()
     start = time.monotonic()
-    assert wait_for([done, pending], 0.2, gone) == {pending}
+    assert wait_for_futures([done, pending], 0.2, gone) == {pending}
     assert 0.15 < time.monotonic() - start < 0.6
     threading.Timer(0.2, gone.set).start()
     start = time.monotonic()
-    assert wait_for([pending], None, gone) == {pending}
+    assert wait_for_futures([pending], None, gone) == {pending}
     assert 0.15 < time.monotonic() - start < 0.6
 
 
