@@ -211,7 +211,7 @@ class MathVerifier(Verifier):
         tasks = [(s.response, s.reference, self.fallbacks, self.soft_timeout_s) for s in samples]
         try:
             results = self.pool.map(tasks, deadline_s, client_gone())
-        except CallerGone as exc:  # nobody will read the verdicts: stop the queued tasks
+        except CallerGone as exc:  # nobody will read the verdicts: the pool dropped the rest
             raise StatusError(
                 grpc.StatusCode.CANCELLED,
                 f"the client went away while {len(samples)} samples were verified ({exc})",
