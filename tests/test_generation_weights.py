@@ -8,6 +8,7 @@ import threading
 import grpc
 import pytest
 import torch
+from conftest import wait_for
 from generation_helpers import reference_sample, request, running_server, stub_for
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -289,15 +290,18 @@ def test_generation_during_an_update_is_never_a_mix(tiny_lm_path, new_weights) -
             threads = [threading.Thread(target=hammer) for _ in range(3)]
             for thread in threads:
                 thread.start()
-            client.push_weights(state, version=1)
-            new = greedy_tokens(client)
-            for _ in range(100):  # let a few requests land on the new version
-                if any(r.weights_version == 1 for r in replies):
-                    break
-                stop.wait(0.05)
-            stop.set()
-            for thread in threads:
-                thread.join()
+            try:
+                # the push must meet requests in flight: wait for the hammers' first reply (on
+                # a loaded machine the threads may take longer to start than the push takes)
+                assert wait_for(lambda: len(replies) > 0, timeout_s=30)
+                client.push_weights(state, version=1)
+                new = greedy_tokens(client)
+                # let a few requests land on the new version
+                assert wait_for(lambda: any(r.weights_version == 1 for r in replies), 30)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
     assert new != old
     versions = {r.weights_version for r in replies}
     assert versions == {0, 1}, versions
