@@ -8,7 +8,9 @@ same happens to the running tasks of a caller that has gone away (`map(..., aban
 
 Processes come from a `forkserver`: forking the gRPC server process itself (threads, locks held
 mid-call) is unsafe, and the fork server preloads `preload` modules once, so replacing a killed
-worker takes milliseconds instead of re-importing sympy.
+worker takes milliseconds instead of re-importing sympy. A process has one fork server, started
+by its first pool: a later pool's `preload` is imported by each of its workers instead, and
+the hard timeout of a worker's first task starts only once the worker has said it is ready.
 
     pool = WorkerPool(my_module.fn, workers=2, hard_timeout_s=5.0, preload=["my_module"])
     results = pool.map([task1, task2], deadline_s=10.0)  # fn(task) or TIMED_OUT each
@@ -17,6 +19,7 @@ worker takes milliseconds instead of re-importing sympy.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import queue
@@ -31,6 +34,8 @@ from reward_servers.base import wait_for_futures
 log = logging.getLogger("rpp.reward.pool")
 
 _ABANDON_LOOK_S = 0.05  # how often a slot running a task looks whether its caller has gone
+_STARTUP_TIMEOUT_S = 120.0  # a worker importing its modules afresh (sympy: seconds, not minutes)
+_READY = "ready"
 
 TIMED_OUT = "timed_out"
 """Result of a task whose worker was killed for overrunning hard_timeout_s."""
@@ -57,11 +62,14 @@ class TaskFailed(Exception):
     """`fn` raised in the worker; the message is the worker's `Type: message`."""
 
 
-def _worker_main(conn, fn: Callable[[Any], Any]) -> None:
+def _worker_main(conn, fn: Callable[[Any], Any], preload: Sequence[str]) -> None:
     """Loop in the worker process: receive a task, run it on this main thread, send the result.
 
     Running on the process's main thread is what lets `fn` use SIGALRM-based timeouts.
     """
+    for module in preload:  # already there when this pool's preload started the fork server
+        importlib.import_module(module)
+    conn.send(_READY)
     while True:
         try:
             task = conn.recv()
@@ -94,6 +102,7 @@ class _Slot:
         self.lock = threading.Lock()
         self.process = None
         self.conn = None
+        self.ready = False  # the process has sent _READY: its imports are done
         self.thread = threading.Thread(target=self.run, name=f"worker-slot-{index}", daemon=True)
 
     def spawn(self) -> None:
@@ -103,13 +112,13 @@ class _Slot:
             parent_conn, child_conn = self.pool.context.Pipe()
             process = self.pool.context.Process(
                 target=_worker_main,
-                args=(child_conn, self.pool.fn),
+                args=(child_conn, self.pool.fn, self.pool.preload),
                 daemon=True,
                 name=f"reward-worker-{self.index}",
             )
             process.start()
             child_conn.close()
-            self.process, self.conn = process, parent_conn
+            self.process, self.conn, self.ready = process, parent_conn, False
 
     def kill(self) -> None:
         with self.lock:
@@ -160,6 +169,12 @@ class _Slot:
         conn = self.conn
         if conn is None:  # killed by close() since the line above
             raise PoolClosed("the pool is closed")
+        if not self.ready:  # the hard timeout is the task's: it must not pay for the imports
+            if not conn.poll(_STARTUP_TIMEOUT_S):
+                raise RuntimeError(f"not ready after {_STARTUP_TIMEOUT_S:.0f}s")
+            if conn.recv() != _READY:  # EOFError if it died while importing
+                raise RuntimeError("the worker's first message was not 'ready'")
+            self.ready = True
         conn.send(task)
         end = time.monotonic() + self.pool.hard_timeout_s
         while not conn.poll(_next_look(end, abandon)):
@@ -193,10 +208,11 @@ class WorkerPool:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.fn = fn
+        self.preload = list(preload)
         self.hard_timeout_s = hard_timeout_s
         self.closed = False
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(list(preload))
+        self.context.set_forkserver_preload(self.preload)  # if this pool starts the fork server
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.slots = [_Slot(self, i) for i in range(workers)]
         for slot in self.slots:

@@ -28,11 +28,20 @@ def pool():
     pool.close()
 
 
+@pytest.fixture
+def patient_pool():
+    """A hard timeout longer than any test: only an abandonment can free its workers early."""
+    pool = WorkerPool(pool_task, workers=2, hard_timeout_s=30.0, preload=["reward_test_verifiers"])
+    yield pool
+    pool.close()
+
+
 @pytest.mark.timeout(60)
-def test_results_in_order_in_parallel(pool):
+def test_results_in_order_in_parallel(patient_pool):
+    pool = patient_pool
     start = time.monotonic()
-    assert pool.map(["sleep:0.4", "sleep:0.4", "a"]) == ["SLEEP:0.4", "SLEEP:0.4", "A"]
-    assert time.monotonic() - start < 0.75  # the two sleeps ran at the same time
+    assert pool.map(["sleep:1", "sleep:1", "a"]) == ["SLEEP:1", "SLEEP:1", "A"]
+    assert time.monotonic() - start < 1.8  # the two sleeps ran at the same time (not 2 s)
 
 
 @pytest.mark.timeout(60)
@@ -58,29 +67,31 @@ def test_crash_and_task_errors_are_reported_and_the_pool_recovers(pool):
 def test_deadline_drops_queued_tasks(pool):
     start = time.monotonic()
     with pytest.raises(DeadlinePassed, match="unfinished"):
-        pool.map(["sleep:0.5"] * 6, deadline_s=0.3)
-    assert time.monotonic() - start < 0.6
-    time.sleep(0.4)  # the two running tasks finish; the four queued ones must not run
+        pool.map(["sleep:1"] * 6, deadline_s=0.3)
+    assert time.monotonic() - start < 0.9  # not after the running tasks' 1 s
+    time.sleep(1.0)  # the two running tasks finish; the four queued ones must not run
     start = time.monotonic()
     assert pool.map(["i", "j"], deadline_s=5) == ["I", "J"]
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < 0.8  # queued tasks run would hold the workers 1 s
 
 
 @pytest.mark.timeout(60)
-def test_a_caller_that_goes_away_frees_the_workers_at_once(pool):
+def test_a_caller_that_goes_away_frees_the_workers_at_once(patient_pool):
+    pool = patient_pool
     pids = {slot.process.pid for slot in pool.slots}
     gone = threading.Event()
     threading.Timer(0.3, gone.set).start()
     start = time.monotonic()
-    with pytest.raises(CallerGone, match="6 of 6 tasks unfinished"):
+    # 5 of 6 when a slot has already answered its killed task's future with CallerGone
+    with pytest.raises(CallerGone, match=r"[56] of 6 tasks unfinished"):
         pool.map(["sleep:20"] * 6, deadline_s=30, abandon=gone)
-    assert time.monotonic() - start < 0.7  # noticed at once, not after the deadline
+    assert time.monotonic() - start < 3  # noticed at once, not after the deadline
     # the two running tasks were killed (their workers replaced), the four queued ones dropped
     start = time.monotonic()
     assert pool.map(["k", "l"], deadline_s=5, abandon=threading.Event()) == ["K", "L"]
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 3  # not the 20 s of the killed tasks
     # (one slot may have run both while the other was still replacing its worker)
-    assert wait_for(lambda: not pids & {s.process.pid for s in pool.slots if s.process}, 2)
+    assert wait_for(lambda: not pids & {s.process.pid for s in pool.slots if s.process}, 5)
 
 
 @pytest.mark.timeout(60)
@@ -99,3 +110,18 @@ def test_close_cancels_queued_tasks_and_kills_running_ones():
     assert all(slot.process is None and not slot.thread.is_alive() for slot in pool.slots)
     with pytest.raises(PoolClosed):
         pool.map(["a"])
+
+
+@pytest.mark.timeout(60)
+def test_a_task_does_not_pay_for_its_workers_imports(patient_pool):
+    """The fork server is the first pool's (patient_pool's here): a later pool's modules are
+    imported by each worker, and that time is not counted against the task's hard timeout."""
+    import slow_import_task
+
+    pool = WorkerPool(
+        slow_import_task.shout, workers=1, hard_timeout_s=0.5, preload=["slow_import_task"]
+    )
+    try:
+        assert pool.map(["a"]) == ["A"]  # the worker imported for 1.5 s, then ran "a" at once
+    finally:
+        pool.close()
