@@ -160,7 +160,7 @@ def test_client_deadline_is_honoured():
         with pytest.raises(grpc.RpcError) as err:
             scores(stub, *[(f"s{i}", PATHOLOGICAL, "1") for i in range(4)], timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 3  # not the 6 s of the four samples
         # The dropped samples are not run: the worker is free again after the one in flight.
         assert scores(stub, ("next", r"\boxed{3}", "3"), timeout=10)[0].reward == 1.0
 

@@ -76,8 +76,8 @@ def test_a_verifier_learns_when_its_client_has_gone():
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert wait_for(lambda: len(verifier.gone_after_s) == 2, 5)
     cancelled, timed_out = verifier.gone_after_s
-    assert 0.2 < cancelled < 1.5  # at the cancel, not at the 20 s deadline
-    assert 0.3 < timed_out < 1.5
+    assert 0.2 < cancelled < 5  # at the cancel, not at the 20 s deadline
+    assert 0.3 < timed_out < 5
 
 
 def test_wait_for_futures_returns_at_done_deadline_or_gone():
@@ -87,11 +87,11 @@ def test_wait_for_futures_returns_at_done_deadline_or_gone():
     assert wait_for_futures([done], None, gone) == set()
     start = time.monotonic()
     assert wait_for_futures([done, pending], 0.2, gone) == {pending}
-    assert 0.15 < time.monotonic() - start < 0.6
+    assert 0.15 < time.monotonic() - start < 2
     threading.Timer(0.2, gone.set).start()
     start = time.monotonic()
     assert wait_for_futures([pending], None, gone) == {pending}
-    assert 0.15 < time.monotonic() - start < 0.6
+    assert 0.15 < time.monotonic() - start < 2
 
 
 def test_concurrency_limit_is_resource_exhausted():
