@@ -5,14 +5,12 @@ all-reduced whitening and advantages must match a single process working on the 
 """
 
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from two_ranks import run_on_two_ranks
 
 from rpp_lightning.algorithms import RunningMeanStd, compute_advantages, masked_whiten
 
@@ -56,45 +54,35 @@ def _concatenated(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     }
 
 
-def _worker(rank: int, world_size: int, port: int, parts: list, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
+def _worker(rank: int, parts: list, out_dir: str) -> None:
+    p, world = parts[rank], dist.group.WORLD
+    whitened = masked_whiten(p["x"], p["mask"], group=world)
+    out = compute_advantages(
+        "reinforce_pp",
+        p["rewards"],
+        p["kl"],
+        p["mask"],
+        n_samples_per_prompt=1,
+        kl_coef=KL_COEF,
+        group=world,
     )
-    try:
-        p, world = parts[rank], dist.group.WORLD
-        whitened = masked_whiten(p["x"], p["mask"], group=world)
-        out = compute_advantages(
-            "reinforce_pp",
-            p["rewards"],
-            p["kl"],
-            p["mask"],
-            n_samples_per_prompt=1,
-            kl_coef=KL_COEF,
-            group=world,
-        )
-        rms = RunningMeanStd()
-        rms.update(p["rewards"], group=world)
-        result = {
-            "whitened": whitened,
-            "advantages": out.advantages,
-            "returns": out.returns,
-            "stats": out.stats,
-            "rms": rms.state_dict(),
-        }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    rms = RunningMeanStd()
+    rms.update(p["rewards"], group=world)
+    result = {
+        "whitened": whitened,
+        "advantages": out.advantages,
+        "returns": out.returns,
+        "stats": out.stats,
+        "rms": rms.state_dict(),
+    }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_global_whitening_and_advantages_match_concatenated_batch(tmp_path: Path):
     parts = _parts()
-    mp.spawn(_worker, args=(2, free_port(), parts, str(tmp_path)), nprocs=2, join=True)
+    run_on_two_ranks(_worker, parts, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     full = _concatenated(parts)

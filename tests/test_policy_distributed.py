@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from two_ranks import run_on_two_ranks
 
 from rpp_lightning.config import PolicyConfig
 from rpp_lightning.policy import full_state_dict, load_causal_lm, load_sharded_causal_lm
 
 
-def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
+def _worker(rank: int, model_dir: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
     config = PolicyConfig(path=model_dir)
     reads = []
@@ -49,7 +41,6 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         },
         f"{out_dir}/rank{rank}.pt",
     )
-    dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
@@ -60,12 +51,7 @@ def test_rank0_loads_and_every_rank_gets_the_same_model(tmp_path) -> None:
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(tmp_path / "model")
-    mp.spawn(
-        _worker,
-        args=(free_port(), str(tmp_path / "model"), str(tmp_path)),
-        nprocs=2,
-        join=True,
-    )
+    run_on_two_ranks(_worker, str(tmp_path / "model"), str(tmp_path))
     direct = load_causal_lm(PolicyConfig(path=str(tmp_path / "model")))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     with torch.no_grad():

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from two_ranks import run_on_two_ranks
 
 from rpp_lightning.metrics import reduce_metrics
 from rpp_lightning.update import check_same_rows_on_every_rank
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
+def _worker(rank: int, out_dir: str) -> None:
     group, device = dist.group.WORLD, torch.device("cpu")
     result = {}
     check_same_rows_on_every_rank(8, group, device)  # equal: passes on both ranks
@@ -38,12 +32,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result["reduced"] = reduce_metrics(metrics, group, device)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)
 def test_unequal_work_is_refused_and_metrics_reduce_over_ranks(tmp_path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_on_two_ranks(_worker, str(tmp_path))
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "different rollout batch sizes (max 8, min 6" in result["unequal"]
