@@ -54,18 +54,23 @@ def _concatenated(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     }
 
 
+def _advantages(batch: dict[str, torch.Tensor], group=None):
+    """REINFORCE++ advantages of `batch`, whitened over `group` (all ranks) or this batch."""
+    return compute_advantages(
+        "reinforce_pp",
+        batch["rewards"],
+        batch["kl"],
+        batch["mask"],
+        n_samples_per_prompt=1,
+        kl_coef=KL_COEF,
+        group=group,
+    )
+
+
 def _worker(rank: int, parts: list, out_dir: str) -> None:
     p, world = parts[rank], dist.group.WORLD
     whitened = masked_whiten(p["x"], p["mask"], group=world)
-    out = compute_advantages(
-        "reinforce_pp",
-        p["rewards"],
-        p["kl"],
-        p["mask"],
-        n_samples_per_prompt=1,
-        kl_coef=KL_COEF,
-        group=world,
-    )
+    out = _advantages(p, group=world)
     rms = RunningMeanStd()
     rms.update(p["rewards"], group=world)
     result = {
@@ -87,14 +92,7 @@ def test_global_whitening_and_advantages_match_concatenated_batch(tmp_path: Path
 
     full = _concatenated(parts)
     ref_whitened = masked_whiten(full["x"], full["mask"])
-    ref = compute_advantages(
-        "reinforce_pp",
-        full["rewards"],
-        full["kl"],
-        full["mask"],
-        n_samples_per_prompt=1,
-        kl_coef=KL_COEF,
-    )
+    ref = _advantages(full)
     rows = [slice(0, 3), slice(3, 8)]
     for part, res, row in zip(parts, results, rows, strict=True):
         width = part["mask"].size(1)
