@@ -35,7 +35,7 @@ class DigitShareVerifier(Verifier):
 class SlowDigitShareVerifier(DigitShareVerifier):
     """DigitShareVerifier that takes SECONDS per Score call, like a busy reward model."""
 
-    SECONDS = 0.25
+    SECONDS = 1.0  # ~20× the log-probs of the overlap test (0.05 s): they stay hidden under load
 
     def score(self, samples: list[SampleInput], deadline_s: float | None) -> list[ScoreResult]:
         time.sleep(self.SECONDS)
