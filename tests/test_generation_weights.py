@@ -297,7 +297,7 @@ def test_generation_during_an_update_is_never_a_mix(tiny_lm_path, new_weights) -
                 client.push_weights(state, version=1)
                 new = greedy_tokens(client)
                 # let a few requests land on the new version
-                assert wait_for(lambda: any(r.weights_version == 1 for r in replies), 30)
+                assert wait_for(lambda: any(r.weights_version == 1 for r in replies), timeout_s=30)
             finally:
                 stop.set()
                 for thread in threads:

@@ -64,7 +64,8 @@ def test_crash_and_task_errors_are_reported_and_the_pool_recovers(pool):
 
 
 @pytest.mark.timeout(60)
-def test_deadline_drops_queued_tasks(pool):
+def test_deadline_drops_queued_tasks(patient_pool):
+    pool = patient_pool  # its running tasks finish rather than meet the hard timeout
     start = time.monotonic()
     with pytest.raises(DeadlinePassed, match="unfinished"):
         pool.map(["sleep:1"] * 6, deadline_s=0.3)
@@ -95,8 +96,8 @@ def test_a_caller_that_goes_away_frees_the_workers_at_once(patient_pool):
 
 
 @pytest.mark.timeout(60)
-def test_close_cancels_queued_tasks_and_kills_running_ones():
-    pool = WorkerPool(pool_task, workers=2, hard_timeout_s=30.0, preload=["reward_test_verifiers"])
+def test_close_cancels_queued_tasks_and_kills_running_ones(patient_pool):
+    pool = patient_pool  # closed here; the fixture's close is then a no-op
     processes = [slot.process for slot in pool.slots]
     with futures.ThreadPoolExecutor(1) as caller:
         call = caller.submit(pool.map, ["sleep:20"] * 5)
