@@ -63,16 +63,23 @@ class PolicyConfig:
 class AlgorithmConfig:
     """REINFORCE++ and its variants (../shared/docs/algorithm.md sections 1-5)."""
 
-    advantage_estimator: Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"] = (
+    advantage_estimator: Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo", "ppo"] = (
         "reinforce_pp"
     )
-    """How advantages are estimated; also decides where the KL term goes (algorithm.md §4)."""
+    """How advantages are estimated; also decides where the KL term goes (algorithm.md §4).
+    `ppo` trains a critic (see `model.critic`) and estimates advantages by GAE."""
     kl_coef: float = 0.01
     """β: weight of the KL penalty (paper: 0.01 general chat, 0.001 math)."""
     gamma: float = 1.0
     """Discount of token rewards."""
+    gae_lambda: float = 0.95
+    """λ of GAE (`ppo` only): 1 gives returns minus values, 0 one-step TD errors."""
     reward_clip: float = 10.0
     """Scalar rewards are clipped to [-reward_clip, reward_clip]."""
+    reward_clip_order: Literal["clip_then_baseline", "baseline_then_clip"] = "clip_then_baseline"
+    """With a group baseline (reinforce_pp_baseline, grpo, rloo): clip the raw rewards, then
+    subtract the baseline (default: one outlier cannot move its siblings' advantages by more
+    than clip/n), or OpenRLHF's order, baseline then clip (algorithm.md §2)."""
     reward_normalization: Literal["none", "batch", "running"] = "none"
     """Normalise scalar rewards before clipping."""
     clip_eps_low: float = 0.2
@@ -98,6 +105,10 @@ class AlgorithmConfig:
             problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
         if not 0 < self.gamma <= 1:
             problems.append(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 <= self.gae_lambda <= 1:
+            problems.append(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        if self.reward_clip <= 0:
+            problems.append(f"reward_clip must be > 0, got {self.reward_clip}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             problems.append(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.epochs < 1:
@@ -173,6 +184,38 @@ class OptimConfig:
     """Cosine decays to lr × min_lr_ratio."""
     eps: float = 1e-8
     """AdamW epsilon."""
+
+
+@dataclass
+class CriticConfig:
+    """The value model of `advantage_estimator: ppo` (built for no other estimator)."""
+
+    path: str | None = None
+    """Local model directory to start the critic from, e.g. a reward model
+    (`AutoModelForSequenceClassification` with one label: its score head becomes the value
+    head). None: the policy's own weights, with a fresh value head."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
+    """The critic's own AdamW and schedule (stepped once per iteration, like the policy's)."""
+    value_clip: float | None = 0.2
+    """Clipped value loss: a new value may move at most this far from the rollout's value
+    before the unclipped error takes over (PPO's max of the two); None: plain squared error."""
+    value_loss_coef: float = 1.0
+    """Weight of the value loss 0.5·(V − return)². The critic has its own optimizer, so this
+    scales its gradient before `max_grad_norm` clipping."""
+    warmup_iterations: int = 0
+    """Iterations at the start that train only the critic (the policy and its weights stay)."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.path is not None and not Path(self.path).is_dir():
+            problems.append(f"path: no such directory {self.path!r} (relative to {Path.cwd()})")
+        if self.value_clip is not None and self.value_clip <= 0:
+            problems.append(f"value_clip must be > 0 or null, got {self.value_clip}")
+        if self.value_loss_coef <= 0:
+            problems.append(f"value_loss_coef must be > 0, got {self.value_loss_coef}")
+        if self.warmup_iterations < 0:
+            problems.append(f"warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        _raise_all("critic", problems)
 
 
 @dataclass

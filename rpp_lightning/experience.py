@@ -26,7 +26,8 @@ class Experience:
     old_log_probs: Tensor | None = None  # (N, R) log π_old, computed by the trainer
     ref_log_probs: Tensor | None = None  # (N, R) log π_ref
     advantages: Tensor | None = None  # (N, R) detached
-    returns: Tensor | None = None  # (N, R)
+    returns: Tensor | None = None  # (N, R) G_t, or the critic's GAE targets with ppo
+    values: Tensor | None = None  # (N, R) V_old(s_t) of the critic at rollout time (ppo only)
 
     @property
     def num_actions(self) -> int:
@@ -56,7 +57,14 @@ class Experience:
         used_actions = self.action_mask.any(0).nonzero()
         actions = int(used_actions[-1]) + 1 if len(used_actions) else 1
         end = prompt_len + actions
-        per_action = {"action_mask", "old_log_probs", "ref_log_probs", "advantages", "returns"}
+        per_action = {
+            "action_mask",
+            "old_log_probs",
+            "ref_log_probs",
+            "advantages",
+            "returns",
+            "values",
+        }
         trimmed = {}
         for f in fields(self):
             value = getattr(self, f.name)

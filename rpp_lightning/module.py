@@ -26,15 +26,18 @@ import torch.distributed as dist
 from rpp_lightning import algorithms as A
 from rpp_lightning.config import (
     AlgorithmConfig,
+    CriticConfig,
     GenerationEndpoint,
     OptimConfig,
     PolicyConfig,
     RewardSource,
     RolloutConfig,
 )
+from rpp_lightning.critic import load_critic, load_sharded_critic
 from rpp_lightning.data import PromptRow
+from rpp_lightning.evaluation import HeldOutEvaluation
 from rpp_lightning.experience import Experience
-from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed
+from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed, update_metrics
 from rpp_lightning.policy import (
     export_hf,
     full_state_dict,
@@ -48,6 +51,7 @@ from rpp_lightning.update import (
     PolicyUpdateConfig,
     build_optimizer,
     check_same_rows_on_every_rank,
+    critic_update,
     policy_update,
 )
 
@@ -65,7 +69,7 @@ for _intended in (
     warnings.filterwarnings("ignore", message=_intended)
 
 
-class ReinforcePP(pl.LightningModule):
+class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
     """Trains a causal LM with REINFORCE++ against remote generation and reward servers."""
 
     def __init__(
@@ -76,6 +80,7 @@ class ReinforcePP(pl.LightningModule):
         algorithm: AlgorithmConfig | None = None,
         rollout: RolloutConfig | None = None,
         optim: OptimConfig | None = None,
+        critic: CriticConfig | None = None,
         eval_max_new_tokens: int | None = None,
         evaluate_before_after: bool = False,
         export_dir: str | None = "auto",
@@ -89,6 +94,8 @@ class ReinforcePP(pl.LightningModule):
             algorithm: REINFORCE++ settings (estimator, KL, clipping, epochs, batch sizes).
             rollout: what each iteration samples, and how many iterations to run.
             optim: optimizer and learning-rate schedule.
+            critic: the value model of `advantage_estimator: ppo` (defaults apply when unset);
+                ignored, and never built, for the critic-free estimators.
             eval_max_new_tokens: response length for held-out evaluation (default: rollout's).
             evaluate_before_after: evaluate on the held-out prompts before the first and after
                 the last iteration, and print "held-out accuracy X% → Y%".
@@ -113,6 +120,10 @@ class ReinforcePP(pl.LightningModule):
                 f"{self.estimator.min_samples_per_prompt}, got {self.rollout.n_samples}"
             )
         self.policy_config, self.seed = policy, seed
+        self.critic_config: CriticConfig | None = None
+        if self.estimator.needs_values:
+            self.critic_config = critic or CriticConfig()
+            self.critic_config.validate()
         self.eval_max_new_tokens = eval_max_new_tokens or self.rollout.max_new_tokens
         self.evaluate_before_after, self.export_dir = evaluate_before_after, export_dir
         self.accuracy_before: float | None = None
@@ -120,6 +131,7 @@ class ReinforcePP(pl.LightningModule):
         self.save_hyperparameters()
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
+        self.critic: torch.nn.Module | None = None  # ppo only
         self.servers = TrainerServers(policy, generation, rewards)
         self.experience = ExperienceMaker(
             self.servers, self.rollout, self.algorithm, self.estimator
@@ -129,7 +141,6 @@ class ReinforcePP(pl.LightningModule):
         self._synced = False
         self._export_requested = False
         self._previous_step_start: float | None = None
-        self._val_sums: torch.Tensor | None = None
         # The frozen reference is rebuilt from its path in configure_model, so checkpoints leave
         # it out: with Adam they hold three copies of the weights instead of four.
         self.register_state_dict_post_hook(_drop_reference_weights)
@@ -153,6 +164,8 @@ class ReinforcePP(pl.LightningModule):
                 )
             self.policy = load_causal_lm(self.policy_config)
             self.reference = load_causal_lm(self.policy_config, reference=True)
+            if self.critic_config is not None:
+                self.critic = load_critic(self.critic_config, self.policy_config)
             return
         # FSDP2: rank 0 reads the weights, the other ranks receive their shards (policy.py)
         dp_mesh = mesh["data_parallel"]
@@ -161,10 +174,23 @@ class ReinforcePP(pl.LightningModule):
         device = self.trainer.strategy.root_device
         self.policy = load_sharded_causal_lm(self.policy_config, dp_mesh, device, False, mixed)
         self.reference = load_sharded_causal_lm(self.policy_config, dp_mesh, device, True, mixed)
+        if self.critic_config is not None:  # the policy's plan, rank-0 load and precision
+            self.critic = load_sharded_critic(
+                self.critic_config, self.policy_config, dp_mesh, device, mixed
+            )
 
     def configure_optimizers(self):
-        opt, scheduler = build_optimizer(self.policy, self.optim, self.rollout.max_iterations)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        iterations = self.rollout.max_iterations
+        built = [build_optimizer(self.policy, self.optim, iterations)]
+        if self.critic is not None:  # its own AdamW, learning rate and schedule
+            built.append(build_optimizer(self.critic, self.critic_config.optim, iterations))
+        optimizers = [opt for opt, _ in built]
+        return optimizers, [{"scheduler": sched, "interval": "step"} for _, sched in built]
+
+    def _optimizers_and_schedulers(self) -> tuple[list, list]:
+        opts, scheds = self.optimizers(), self.lr_schedulers()
+        as_list = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
+        return as_list(opts), as_list(scheds)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # Prompt rows hold token-id lists that become device tensors later; Lightning's default
@@ -214,22 +240,37 @@ class ReinforcePP(pl.LightningModule):
 
     # ---- one iteration ----------------------------------------------------------------------
 
-    def _update(self, exp: Experience) -> list[dict[str, torch.Tensor]]:
+    def _update(self, exp: Experience) -> tuple[list, list]:
+        """The policy's and (ppo) the critic's optimizer steps on this iteration's batch."""
         group = data_parallel_group()
         world = dist.get_world_size(group) if group is not None else 1
-        shuffle = torch.Generator().manual_seed(
-            self.seed + self.iteration * world + self.global_rank
-        )
+        seed = self.seed + self.iteration * world + self.global_rank
         check_same_rows_on_every_rank(len(exp), group, self.device)
-        return policy_update(
+        optimizers, _ = self._optimizers_and_schedulers()
+        critic_steps = []
+        if self.critic is not None:  # the same mini-batches as the policy (same shuffle seed)
+            # the bare optimizer: Lightning's global step (max_steps, every_n_train_steps) keeps
+            # counting policy steps only, as with the critic-free estimators
+            critic_steps = critic_update(
+                self.critic, optimizers[1].optimizer, exp, self.algorithm, self.critic_config,
+                self.manual_backward, torch.Generator().manual_seed(seed), group,
+            )  # fmt: skip
+        if self._critic_warming_up():
+            return [], critic_steps
+        steps = policy_update(
             self.policy,
-            self.optimizers(),
+            optimizers[0],
             exp,
             PolicyUpdateConfig(self.algorithm, self.estimator, self.rollout.temperature),
             self.manual_backward,
-            shuffle,
+            torch.Generator().manual_seed(seed),
             group,
         )
+        return steps, critic_steps
+
+    def _critic_warming_up(self) -> bool:
+        config = self.critic_config
+        return config is not None and self.iteration < config.warmup_iterations
 
     def training_step(self, batch: list[PromptRow], batch_idx: int) -> None:
         timings: dict[str, float] = {}
@@ -243,16 +284,22 @@ class ReinforcePP(pl.LightningModule):
             weights_version=self.weights_version,
             prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
         )
-        made = self.experience.make(batch, rollout_step, self.policy, self.reference, timings)
+        made = self.experience.make(
+            batch, rollout_step, self.policy, self.reference, timings, self.critic
+        )
         with timed(timings, "update"):
-            steps = self._update(made.exp)
-        self.lr_schedulers().step()
-        with timed(timings, "weight_sync"):
-            self._sync_weights()
+            steps, critic_steps = self._update(made.exp)
+        _, schedulers = self._optimizers_and_schedulers()
+        for scheduler in schedulers:
+            scheduler.step()
+        if steps:  # a critic warm-up iteration leaves the policy as it was: nothing to push
+            with timed(timings, "weight_sync"):
+                self._sync_weights()
         timings["step"] = time.perf_counter() - step_start
         metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
+        metrics.update(update_metrics(critic_steps))
         metrics["weights_version"] = float(self.weights_version)
-        metrics["lr"] = self.lr_schedulers().get_last_lr()[0]
+        metrics["lr"] = schedulers[0].get_last_lr()[0]
         self._log_metrics(metrics)
         if self._is_last_iteration():
             self.trainer.should_stop = True
@@ -280,51 +327,6 @@ class ReinforcePP(pl.LightningModule):
 
     def _is_last_iteration(self) -> bool:
         return self.iteration + 1 >= self.rollout.max_iterations
-
-    # ---- evaluation -------------------------------------------------------------------------
-
-    def _evaluate_batch(self, batch: list[PromptRow]) -> torch.Tensor:
-        """Greedy responses to `batch`, scored: [reward sum, correct, verified, samples]."""
-        sums = self.servers.evaluate(batch, self.eval_max_new_tokens, self.weights_version)
-        return torch.tensor(sums, dtype=torch.float64, device=self.device)
-
-    def _evaluate_all(self) -> torch.Tensor:
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for batch in self.trainer.datamodule.val_dataloader():
-            sums += self._evaluate_batch(batch)
-        if data_parallel_group() is not None:
-            dist.all_reduce(sums, group=data_parallel_group())
-        return sums
-
-    def _log_evaluation(self, sums: torch.Tensor, prefix: str) -> float | None:
-        """Log held-out reward and (where a verifier judged) accuracy; return the accuracy."""
-        reward_sum, correct, verified, samples = sums.tolist()
-        # `sums` is already the same on every rank; sync_dist only keeps Lightning's
-        # epoch-level bookkeeping consistent across ranks.
-        self.log(f"{prefix}/reward", reward_sum / max(samples, 1), batch_size=1, sync_dist=True)
-        if not verified:
-            return None
-        accuracy = correct / verified
-        self.log(f"{prefix}/accuracy", accuracy, prog_bar=True, batch_size=1, sync_dist=True)
-        return accuracy
-
-    def evaluate(self) -> float | None:
-        """Held-out accuracy of the current policy (outside Lightning's validation loop)."""
-        self._ensure_synced()
-        sums = self._evaluate_all()
-        verified = float(sums[2])
-        return float(sums[1]) / verified if verified else None
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-
-    def validation_step(self, batch: list[PromptRow], batch_idx: int) -> None:
-        self._val_sums += self._evaluate_batch(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if data_parallel_group() is not None:
-            dist.all_reduce(self._val_sums, group=data_parallel_group())
-        self._log_evaluation(self._val_sums, "val")
 
     def on_train_end(self) -> None:
         if self.evaluate_before_after:

@@ -7,6 +7,8 @@ logp = response_log_probs(model, sequences, attention_mask, num_actions)  # (N, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -65,28 +67,46 @@ def load_sharded_causal_lm(
     reference: bool = False,
     mixed_precision: bool = False,
 ) -> nn.Module:
-    """The policy (or reference) sharded with FSDP2 over `mesh`, read from storage by rank 0 only.
+    """The policy (or reference) sharded with FSDP2 over `mesh`, read from storage by rank 0 only
+    (see `load_sharded`). Every rank of the default group must call this."""
+    from transformers import AutoModelForCausalLM
 
-    Every other rank builds the model on the meta device (no memory, no reads); after
-    `shard_model`, rank 0's full weights are broadcast into every rank's shards, and the buffers
-    are broadcast whole (non-persistent ones such as rotary frequencies are in no state dict).
-    Host memory holds one full copy, on rank 0, instead of one per rank: 8 ranks of a 7B model
-    in fp32 need 28 GB rather than 224 GB. Every rank of the default group must call this.
+    def empty() -> nn.Module:
+        hf_config = _hf_config(config, _weights_path(config, reference))
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        return _for_training(model, config, reference)
+
+    return load_sharded(
+        lambda: load_causal_lm(config, reference), empty, mesh, device, mixed_precision
+    )
+
+
+def load_sharded(
+    load_full: Callable[[], nn.Module],
+    build_empty: Callable[[], nn.Module],
+    mesh: DeviceMesh,
+    device: torch.device,
+    mixed_precision: bool = False,
+) -> nn.Module:
+    """A model sharded with FSDP2 over `mesh`: rank 0 calls `load_full` (reads the weights),
+    every other rank calls `build_empty` under the meta device (no memory, no reads).
+
+    After `shard_model`, rank 0's full weights are broadcast into every rank's shards, and the
+    buffers are broadcast whole (non-persistent ones such as rotary frequencies are in no state
+    dict). Host memory holds one full copy, on rank 0, instead of one per rank: 8 ranks of a 7B
+    model in fp32 need 28 GB rather than 224 GB. Every rank of the default group must call this.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     if mesh.size() != dist.get_world_size():
-        raise ValueError("load_sharded_causal_lm needs every process in the data-parallel mesh")
+        raise ValueError("load_sharded needs every process in the data-parallel mesh")
     if dist.get_rank() == 0:
-        model = load_causal_lm(config, reference)
+        model = load_full()
         full = model.state_dict()  # the full tensors stay referenced after sharding
     else:
-        hf_config = _hf_config(config, _weights_path(config, reference))
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        model = _for_training(model, config, reference)
+            model = build_empty()
         full = {}
     shard_model(model, mesh, mixed_precision)
     if dist.get_rank() == 0:

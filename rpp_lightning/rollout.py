@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rpp_lightning import algorithms as A
 from rpp_lightning.config import AlgorithmConfig, RolloutConfig
+from rpp_lightning.critic import experience_values
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.metrics import timed
@@ -72,9 +73,11 @@ class ExperienceMaker:
         policy: nn.Module,
         reference: nn.Module,
         timings: dict[str, float],
+        critic: nn.Module | None = None,
     ) -> IterationExperience:
         """Every rank of the data-parallel group calls this (log-probs and normalisation are
-        collective under FSDP2). Phase times land in `timings`."""
+        collective under FSDP2). Phase times land in `timings`. `critic` (ppo only) gives the
+        values next to the log-probs."""
         rollouts = self._generate(rows, step, timings)
         scoring = self._start_scoring(rows, rollouts, timings)
         sequences, attention_mask, action_mask = pack_rollouts(
@@ -92,6 +95,9 @@ class ExperienceMaker:
             temperature = self.rollout.temperature  # the distribution the servers sampled
             exp.old_log_probs, entropy = experience_log_probs(policy, exp, size, True, temperature)
             exp.ref_log_probs, _ = experience_log_probs(reference, exp, size, False, temperature)
+        if critic is not None:
+            with timed(timings, "values"):
+                exp.values = experience_values(critic, exp, size)
         with timed(timings, "score_wait"):
             reward_batch = scoring.result()
         cfg, group = self.algorithm, data_parallel_group()
@@ -101,23 +107,27 @@ class ExperienceMaker:
         rewards = A.normalize_rewards(
             rewards, cfg.reward_normalization, self.running_reward, group=group
         )
-        exp.rewards = A.clip_rewards(rewards, cfg.reward_clip)
-        stats = self.advantages(exp)
+        stats = self.advantages(exp, rewards)
+        exp.rewards = A.clip_rewards(rewards, cfg.reward_clip)  # logged as reward/after_norm_clip
         return IterationExperience(exp, rollouts, reward_batch, entropy, stats)
 
-    def advantages(self, exp: Experience) -> dict[str, float]:
-        """Fill exp.advantages and exp.returns with the configured estimator (algorithm.md §4);
-        return the statistics before normalisation."""
+    def advantages(self, exp: Experience, rewards: Tensor) -> dict[str, float]:
+        """Fill exp.advantages and exp.returns from the normalised, unclipped `rewards` (N,) with
+        the configured estimator (algorithm.md §2-4); return the statistics before whitening."""
         cfg = self.algorithm
         kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
         out = A.compute_advantages(
             self.estimator.name,
-            exp.rewards,
+            rewards,
             kl,
             exp.action_mask,
             n_samples_per_prompt=self.rollout.n_samples,
             kl_coef=cfg.kl_coef,
             gamma=cfg.gamma,
+            lam=cfg.gae_lambda,
+            values=exp.values,
+            reward_clip=cfg.reward_clip,
+            clip_order=cfg.reward_clip_order,
             group=data_parallel_group(),
         )
         exp.advantages, exp.returns = out.advantages, out.returns

@@ -1,6 +1,6 @@
 """The policy update (algorithm.md §5-6): epochs × mini-batches of PPO-clip steps with gradient
-accumulation over micro-batches; the micro-batch loss; optimizer and LR schedule; the cross-rank
-check that keeps FSDP collectives in step."""
+accumulation over micro-batches; the micro-batch loss; the critic's value steps (`ppo`);
+optimizer and LR schedule; the cross-rank check that keeps FSDP collectives in step."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rpp_lightning import algorithms as A
-from rpp_lightning.config import AlgorithmConfig, OptimConfig
+from rpp_lightning.config import AlgorithmConfig, CriticConfig, OptimConfig
+from rpp_lightning.critic import response_values
 from rpp_lightning.experience import Experience
 from rpp_lightning.policy import response_log_probs
 
@@ -25,6 +26,9 @@ class PolicyUpdateConfig:
     algorithm: AlgorithmConfig
     estimator: A.AdvantageEstimatorSpec
     temperature: float = 1.0  # the sampling temperature: log-probs are taken at it
+
+
+MicroBatchLoss = Callable[[Experience, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def policy_update(
@@ -41,9 +45,59 @@ def policy_update(
     `backward` is Lightning's `manual_backward` (plain `loss.backward()` outside Lightning).
     Every rank must hold the same number of rows (see `check_same_rows_on_every_rank`), so that
     all run the same number of forwards and optimizer steps. Returns each optimizer step's
-    summed micro-batch statistics and its gradient norm.
+    statistics (global: the same on every rank) and its gradient norm.
     """
     cfg = config.algorithm
+
+    def loss(micro: Experience, tokens: torch.Tensor):
+        return micro_batch_loss(policy, micro, tokens, cfg, config.estimator, config.temperature)
+
+    return _mini_batch_steps(policy, optimizer, exp, cfg, loss, backward, shuffle, group)
+
+
+def critic_update(
+    critic: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    exp: Experience,
+    algorithm: AlgorithmConfig,
+    critic_config: CriticConfig,
+    backward: Callable[[torch.Tensor], None],
+    shuffle: torch.Generator,
+    group: dist.ProcessGroup | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The critic's share of the iteration (`ppo`): the same epochs × mini-batches as the
+    policy, each step fitting V to the GAE returns with the clipped value loss."""
+
+    def loss(micro: Experience, tokens: torch.Tensor):
+        values = response_values(critic, micro.sequences, micro.attention_mask, micro.num_actions)
+        out = A.value_loss(
+            values,
+            micro.values,
+            micro.returns,
+            micro.action_mask,
+            value_clip=critic_config.value_clip,
+            num_action_tokens=tokens,
+        )
+        with torch.no_grad():
+            mean_value = A.masked_token_mean(values, micro.action_mask, tokens)
+        stats = {"value_loss": out.loss, "value_clip_fraction": out.clip_fraction}
+        stats["values"] = mean_value
+        return critic_config.value_loss_coef * out.loss, stats
+
+    steps = _mini_batch_steps(critic, optimizer, exp, algorithm, loss, backward, shuffle, group)
+    return [{f"critic/{k}": v for k, v in step.items()} for step in steps]
+
+
+def _mini_batch_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    exp: Experience,
+    cfg: AlgorithmConfig,
+    loss_fn: MicroBatchLoss,
+    backward: Callable[[torch.Tensor], None],
+    shuffle: torch.Generator,
+    group: dist.ProcessGroup | None,
+) -> list[dict[str, torch.Tensor]]:
     if len(exp) % cfg.mini_batch_size:
         raise ValueError(
             f"rollout batch of {len(exp)} samples is not a multiple of mini_batch_size "
@@ -61,20 +115,34 @@ def policy_update(
                 dist.all_reduce(tokens, group=group)
             sums: dict[str, torch.Tensor] = {}
             for micro in mini.micro_batches(cfg.micro_batch_size):
-                loss, stats = micro_batch_loss(
-                    policy, micro, tokens, cfg, config.estimator, config.temperature
-                )
+                loss, stats = loss_fn(micro, tokens)
                 backward(loss * world)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0) + value.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sums["grad_norm"] = grad_norm.detach()
             steps.append(sums)
-    return steps
+            sums["grad_norm"] = grad_norm.detach()  # already global: not summed below
+    return _sum_shares_over_ranks(steps, group)
+
+
+def _sum_shares_over_ranks(
+    steps: list[dict[str, torch.Tensor]], group: dist.ProcessGroup | None
+) -> list[dict[str, torch.Tensor]]:
+    """Each rank's statistics are its share of a global token mean (divided by every rank's
+    tokens): their sum over ranks is the mean. One all-reduce for the whole update."""
+    if group is None or not steps:
+        return steps
+    keys = [k for k in steps[0] if k != "grad_norm"]
+    shares = torch.stack([torch.stack([step[k] for k in keys]) for step in steps])  # (S, K)
+    dist.all_reduce(shares, group=group)
+    return [
+        {**dict(zip(keys, row, strict=True)), "grad_norm": step["grad_norm"]}
+        for step, row in zip(steps, shares, strict=True)
+    ]
 
 
 def micro_batch_loss(

@@ -31,6 +31,7 @@ from rpp_lightning.algorithms import (
     normalize_rewards,
     policy_loss,
     shape_token_rewards,
+    value_loss,
 )
 from rpp_lightning.algorithms import losses as losses_module
 
@@ -364,6 +365,28 @@ def test_ppo_gae_and_value_checks():
         compute_advantages("reinforce", T_([1.0]), None, mask, n_samples_per_prompt=1, kl_coef=0.0)
 
 
+def test_reward_clip_comes_before_the_group_baseline_by_default():
+    # |R| > clip in the first group: R = [20, 0], clip 10.
+    # clip then baseline (default): [10, 0] − 5 → [5, −5]; OpenRLHF's baseline then clip:
+    # [20, 0] − 10 → [10, −10] → clip → [10, −10]. The second group is inside the clip: [1, −1].
+    rewards, mask = T_([20.0, 0.0, 3.0, 1.0]), torch.ones(4, 2)
+    common = dict(n_samples_per_prompt=2, kl_coef=0.0, reward_clip=10.0)
+
+    def baselined(**kw):
+        out = compute_advantages("reinforce_pp_baseline", rewards, None, mask, **common, **kw)
+        return out.scalar_rewards_after_baseline
+
+    close(baselined(), [5.0, -5.0, 1.0, -1.0])
+    close(baselined(clip_order="clip_then_baseline"), [5.0, -5.0, 1.0, -1.0])
+    close(baselined(clip_order="baseline_then_clip"), [10.0, -10.0, 1.0, -1.0])
+    # without a baseline the order cannot matter: REINFORCE++ clips to [10, 0, 3, 1] either way
+    for order in ("clip_then_baseline", "baseline_then_clip"):
+        out = compute_advantages("reinforce_pp", rewards, None, mask, **common, clip_order=order)
+        close(out.scalar_rewards_after_baseline, [10.0, 0.0, 3.0, 1.0])
+    with pytest.raises(ValueError, match="unknown clip_order"):
+        compute_advantages("rloo", rewards, None, mask, **common, clip_order="later")
+
+
 # --- §5 losses -----------------------------------------------------------------------------------
 
 
@@ -479,3 +502,26 @@ def test_kl_loss_values_and_gradient():
     close(log_probs.grad, [[0.5, -0.5, 0.0]])  # r / 2
     close(kl_loss(log_probs, ref, mask, "k3"), (0.367879 + 0.718282) / 2)
     close(kl_loss(log_probs, ref, mask, "k2", num_action_tokens=4), 0.25)
+
+
+def test_value_loss_clips_each_token_by_hand():
+    # V, V_old, G per token (the 4th is padding with garbage), value_clip 0.2:
+    #   t0: V − V_old = 0.3 → V_clip = 1.0; (1.1 − 1.5)² = 0.16 < (1.0 − 1.5)² = 0.25: clipped
+    #   t1: V − V_old = −0.4 → V_clip = 0.7; (0.5 − 0)² = 0.25 < 0.49: clipped
+    #   t2: V − V_old = 1.0 → V_clip = 1.2; (2.0 − 1.1)² = 0.81 > 0.01: unclipped
+    # L = ½ · (0.25 + 0.49 + 0.81) / 3 = 0.258333; clip fraction 2/3
+    values = T_([[1.1, 0.5, 2.0, 7.0]], requires_grad=True)
+    old, returns = T_([[0.8, 0.9, 1.0, math.nan]]), T_([[1.5, 0.0, 1.1, math.inf]])
+    mask = T_([[1, 1, 1, 0]])
+    out = value_loss(values, old, returns, mask, value_clip=0.2)
+    close(out.loss, 0.258333)
+    close(out.clip_fraction, 2 / 3)
+    out.loss.backward()
+    # clipped tokens take V_clip, constant in V: no gradient; t2: ½ · 2 (V − G) / 3 = 0.3
+    close(values.grad, [[0.0, 0.0, 0.3, 0.0]])
+    # no clip: ½ · (0.16 + 0.25 + 0.81) / 3 = 0.203333; with 6 tokens as the denominator, half
+    close(value_loss(values, old, returns, mask, value_clip=None).loss, 0.203333)
+    unclipped = value_loss(values, old, returns, mask, value_clip=None, num_action_tokens=6)
+    close(unclipped.loss, 0.101667)
+    with pytest.raises(ValueError, match="value_clip must be > 0"):
+        value_loss(values, old, returns, mask, value_clip=0.0)

@@ -87,7 +87,7 @@ def test_estimator_switch_in_yaml_changes_the_computation(tmp_path, monkeypatch)
     for estimator in ["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"]:
         module = _module(tmp_path, monkeypatch, estimator)
         exp = _experience()
-        module.experience.advantages(exp)
+        module.experience.advantages(exp, exp.rewards)
         tokens = exp.action_mask.sum().float()
         _, stats = micro_batch_loss(policy, exp, tokens, module.algorithm, module.estimator)
         results[estimator] = (exp.advantages, set(stats))
@@ -138,7 +138,7 @@ def test_log_probs_are_taken_at_the_sampling_temperature(tmp_path, monkeypatch) 
         assert torch.allclose(got[row], expected, atol=1e-5), temperature
     # the loss takes them at the configured temperature: T = 2 gives another ratio than T = 1
     module = _module(tmp_path, monkeypatch, "reinforce_pp")
-    module.experience.advantages(exp)
+    module.experience.advantages(exp, exp.rewards)
     exp.old_log_probs = (
         response_log_probs(policy, exp.sequences, exp.attention_mask, R, temperature=2.0)[
             0
@@ -168,7 +168,7 @@ def test_policy_update_steps_once_per_mini_batch_and_epoch(tmp_path, monkeypatch
     policy = AutoModelForCausalLM.from_config(tiny_llama_config())
     module = _module(tmp_path, monkeypatch, "reinforce_pp")
     exp = _experience()
-    module.experience.advantages(exp)
+    module.experience.advantages(exp, exp.rewards)
     with torch.no_grad():  # on-policy, so the clip leaves gradients to take
         old, _ = response_log_probs(policy, exp.sequences, exp.attention_mask, exp.num_actions)
     exp.old_log_probs = old * exp.action_mask

@@ -4,6 +4,7 @@ from rpp_lightning.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageEstimatorSpec,
     AdvantageOutput,
+    RewardClipOrder,
     compute_advantages,
     discounted_returns,
     gae,
@@ -16,11 +17,13 @@ from rpp_lightning.algorithms.advantages import (
 from rpp_lightning.algorithms.kl import KLEstimator, kl_estimate
 from rpp_lightning.algorithms.losses import (
     PolicyLossOutput,
+    ValueLossOutput,
     entropy_from_logits,
     kl_loss,
     log_probs_from_logits,
     masked_token_mean,
     policy_loss,
+    value_loss,
 )
 from rpp_lightning.algorithms.normalization import (
     RunningMeanStd,
@@ -39,7 +42,9 @@ __all__ = [
     "AdvantageOutput",
     "KLEstimator",
     "PolicyLossOutput",
+    "RewardClipOrder",
     "RunningMeanStd",
+    "ValueLossOutput",
     "apply_whitening",
     "clip_rewards",
     "compute_advantages",
@@ -61,4 +66,5 @@ __all__ = [
     "normalize_rewards",
     "policy_loss",
     "shape_token_rewards",
+    "value_loss",
 ]

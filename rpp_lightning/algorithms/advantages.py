@@ -10,15 +10,21 @@ The one entry point is :func:`compute_advantages`; the table of §4 is :data:`AD
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from rpp_lightning.algorithms.kl import KLEstimator
-from rpp_lightning.algorithms.normalization import apply_whitening, masked_global_mean_var
+from rpp_lightning.algorithms.normalization import (
+    apply_whitening,
+    clip_rewards,
+    masked_global_mean_var,
+)
 
 WHITEN_EPS = 1e-8  # algorithm.md §4: (A − μ) / sqrt(max(σ², 1e-8))
+RewardClipOrder = Literal["clip_then_baseline", "baseline_then_clip"]
 
 
 def _grouped(rewards: Tensor, n_samples_per_prompt: int, who: str) -> Tensor:
@@ -264,9 +270,11 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 1.0,
     values: Tensor | None = None,
+    reward_clip: float | None = None,
+    clip_order: RewardClipOrder = "clip_then_baseline",
     group: dist.ProcessGroup | None = None,
 ) -> AdvantageOutput:
-    """Baseline → shape → returns (or GAE) → global whitening, per algorithm.md §2–§4.
+    """Clip and baseline → shape → returns (or GAE) → global whitening, per algorithm.md §2–§4.
 
     For estimators that put KL in a loss (``spec.kl_loss_estimator``), ``kl`` and ``kl_coef`` are
     ignored here; the trainer applies them in the loss. ``lam`` is used by ``ppo`` only.
@@ -274,10 +282,14 @@ def compute_advantages(
 
     Args:
         estimator: a key of :data:`ADVANTAGE_ESTIMATORS`.
-        rewards: (B,) scalar rewards, already normalised and clipped (§2).
+        rewards: (B,) scalar rewards, already normalised (§2).
         kl: (B, T) k1 KL of π_old vs π_ref per token, or None when KL is not in the reward.
         action_mask: (B, T).
         values: (B, T) critic values, required by ``ppo`` and rejected otherwise.
+        reward_clip: clip scalar rewards to ±reward_clip (§2); None: no clipping.
+        clip_order: with a group baseline, clip the raw rewards before subtracting it (our
+            default) or clip the baselined rewards (OpenRLHF's order); see algorithm.md §2.
+            Without a baseline the two are the same.
         group: process group for the global whitening and the logged stats; None = this rank.
     """
     spec = get_estimator(estimator)
@@ -298,10 +310,18 @@ def compute_advantages(
     if spec.kl_in_reward and kl is None and kl_coef != 0:
         raise ValueError(f"advantage estimator {spec.name!r} shapes KL into the reward: pass kl")
 
+    if clip_order not in ("clip_then_baseline", "baseline_then_clip"):
+        raise ValueError(f"unknown clip_order {clip_order!r}")
+
     with torch.no_grad():
         scalar = rewards  # (B,)
+        clip_first = clip_order == "clip_then_baseline"
+        if reward_clip is not None and clip_first:
+            scalar = clip_rewards(scalar, reward_clip)
         if spec.scalar_baseline is not None:
-            scalar = spec.scalar_baseline(rewards, n_samples_per_prompt)
+            scalar = spec.scalar_baseline(scalar, n_samples_per_prompt)
+        if reward_clip is not None and not clip_first:
+            scalar = clip_rewards(scalar, reward_clip)
         token_kl = kl if spec.kl_in_reward else None
         token_rewards = shape_token_rewards(scalar, token_kl, action_mask, kl_coef)  # (B, T)
         if spec.needs_values:

@@ -171,3 +171,48 @@ def kl_loss(
     ref_log_probs = torch.where(mask, ref_log_probs.detach(), 0.0)
     kl = kl_estimate(log_probs, ref_log_probs, estimator)  # (B, T)
     return masked_token_mean(kl, action_mask, num_action_tokens)
+
+
+@dataclass
+class ValueLossOutput:
+    """Clipped value loss and its diagnostics, aggregated like the policy loss."""
+
+    loss: Tensor  # scalar, differentiable w.r.t. values
+    clip_fraction: Tensor  # scalar, share of action tokens where the clipped error was taken
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    action_mask: Tensor,
+    *,
+    value_clip: float | None = 0.2,
+    num_action_tokens: Tensor | float | None = None,
+) -> ValueLossOutput:
+    """PPO's clipped value loss for the critic of the ``ppo`` estimator (algorithm.md §5).
+
+    ``V_clip = V_old + clamp(V − V_old, −c, c)``, ``L_t = ½ max((V − G)², (V_clip − G)²)``: the
+    critic cannot profit from moving a value more than ``c`` from the rollout's value in one
+    batch. ``value_clip=None`` gives ``½ (V − G)²``. ``old_values`` and ``returns`` (the GAE
+    targets) are constants.
+
+    values, old_values, returns, action_mask (B, T) -> scalar loss.
+    """
+    if value_clip is not None and value_clip <= 0:
+        raise ValueError(f"value_clip must be > 0 (or None), got {value_clip}")
+    mask = action_mask.bool()  # (B, T)
+    returns = torch.where(mask, returns.detach(), 0.0)  # (B, T) garbage on padding stays out
+    values = torch.where(mask, values, 0.0)
+    error = (values - returns).square()  # (B, T)
+    clipped = torch.zeros_like(mask)
+    if value_clip is not None:
+        old = torch.where(mask, old_values.detach(), 0.0)
+        values_clipped = old + (values - old).clamp(-value_clip, value_clip)
+        error_clipped = (values_clipped - returns).square()
+        clipped = error_clipped > error
+        error = torch.maximum(error, error_clipped)
+    loss = 0.5 * masked_token_mean(error, action_mask, num_action_tokens)
+    with torch.no_grad():
+        clip_fraction = masked_token_mean(clipped.float(), action_mask, num_action_tokens)
+    return ValueLossOutput(loss, clip_fraction)
