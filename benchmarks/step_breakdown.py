@@ -1,6 +1,7 @@
 """Where a training step's time goes, for configs/tiny.yaml on this machine.
 
     python benchmarks/step_breakdown.py --iterations 8
+    python benchmarks/step_breakdown.py --iterations 12 --peer-shapes --checkpoints  # issue 17
 
 Runs `rpp-train fit --config configs/tiny.yaml` (local generation and math reward servers, real
 gRPC) in a temporary directory, reads the per-phase timings the trainer logs every step, and
@@ -29,12 +30,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peer_speed import PEER_SHAPES  # benchmarks/ is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["generate", "logprobs", "score_wait", "update", "weight_sync"]
 """What the trainer waits for, in order; scoring runs during logprobs (time/score: its own wall)."""
 
 
-def run(config: str, iterations: int, extra: list[str]) -> list[dict[str, float]]:
+def run(
+    config: str, iterations: int, extra: list[str], checkpoints: bool = False
+) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         # run from the repository (the config's relative paths), log into the temporary dir
         logger = (
@@ -47,8 +52,8 @@ def run(config: str, iterations: int, extra: list[str]) -> list[dict[str, float]
             "--trainer.val_check_interval", "null",
             "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_checkpointing", "false",
-            "--trainer.callbacks", "[]",
+            *([] if checkpoints else ["--trainer.enable_checkpointing", "false",
+                                      "--trainer.callbacks", "[]"]),
             "--trainer.logger", logger,
             "--model.export_dir", "null",
             "--model.evaluate_before_after", "false",
@@ -65,9 +70,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="relative to the repo")
     parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument(
+        "--peer-shapes",
+        action="store_true",
+        help="the shapes of benchmarks/peer_speed.py (TRL's comparison)",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="keep the config's checkpoint callback (tiny: every iteration)",
+    )
     parser.add_argument("extra", nargs="*", help="extra rpp-train overrides")
     args = parser.parse_args()
-    rows = run(args.config, args.iterations, args.extra)
+    extra = [*(PEER_SHAPES if args.peer_shapes else []), *args.extra]
+    rows = run(args.config, args.iterations, extra, args.checkpoints)
     # Row k + 1 carries iteration k's whole wall time; the first iteration warms up.
     for row, later in itertools.pairwise(rows):
         row["iteration"] = later["time/previous_iteration"]

@@ -61,7 +61,7 @@ class PolicyConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """REINFORCE++ and its variants (../shared/docs/algorithm.md sections 1-5)."""
+    """REINFORCE++ and its variants (docs/algorithm.md sections 1-5)."""
 
     advantage_estimator: Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo", "ppo"] = (
         "reinforce_pp"

@@ -77,12 +77,22 @@ class Experience:
         return replace(self, **trimmed)
 
     def mini_batches(self, size: int, generator: torch.Generator) -> Iterator[Experience]:
-        """Shuffled mini-batches of `size` rows (len(self) must be a multiple of size)."""
+        """Shuffled mini-batches of `size` rows (len(self) must be a multiple of size).
+
+        A mini-batch of every row is this batch itself: shuffling it would change no sum.
+        """
+        if size >= len(self):
+            yield self
+            return
         order = torch.randperm(len(self), generator=generator)
         for start in range(0, len(self), size):
             yield self.select(order[start : start + size])
 
     def micro_batches(self, size: int) -> Iterator[Experience]:
+        """Consecutive micro-batches of `size` rows; one of every row is this batch itself."""
+        if size >= len(self):
+            yield self
+            return
         for start in range(0, len(self), size):
             yield self.select(torch.arange(start, min(start + size, len(self))))
 

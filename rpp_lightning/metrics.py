@@ -8,6 +8,7 @@ rank holds the same number of samples), maxima for `.../max`.
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Iterator
@@ -79,6 +80,8 @@ def iteration_metrics(
     metrics.update({f"adv/{k}": v for k, v in made.advantage_stats.items()})
     metrics.update({f"time/{k}": v for k, v in timings.items()})
     metrics["perf/tokens_per_s"] = exp.action_mask.sum().item() / max(timings["generate"], 1e-9)
+    # the trainer process's high-water mark so far (Linux reports KiB); the largest rank's
+    metrics["memory/peak_rss_mb/max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return metrics
 
 

@@ -239,6 +239,80 @@ def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) ->
         assert [r[key] for r in straight[2:]] == expected, key
 
 
+PPO = ["--model.algorithm.advantage_estimator", "ppo", "--model.critic.optim.lr", "1e-3"]
+
+
+def critic_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The critic's full weights from a single-file or a sharded (directory) checkpoint."""
+    if checkpoint.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(str(checkpoint), str(checkpoint.with_suffix(".pt")))
+        checkpoint = checkpoint.with_suffix(".pt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("critic.")}
+
+
+def test_ppo_trains_its_critic_and_resumes_it(servers, tmp_path) -> None:
+    """`ppo` end to end: values in the experience, GAE, the critic's own optimizer; its weights
+    and optimizer state are checkpointed and a resumed run equals an uninterrupted one."""
+    four = [*PPO, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"]
+    first = train(tmp_path, *remote(servers, *four, "--trainer.max_steps", "2"))
+    rows = read_metrics(first)
+    assert len(rows) == 2  # max_steps counts policy steps: the critic's are not Lightning's
+    for row in rows:
+        for key in ("policy_loss", "critic/value_loss", "critic/grad_norm", "critic/values"):
+            assert math.isfinite(row[key]), key
+        assert row["time/values"] > 0
+    ckpt = first / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert len(saved["optimizer_states"]) == 2 and len(saved["lr_schedulers"]) == 2
+    assert saved["optimizer_states"][1]["state"], "the critic's Adam moments are saved"
+    # the critic learned: its decoder moved away from the policy's initial weights
+    initial, critic = load_weights(servers["model"]), critic_weights(ckpt)
+    decoder = [k for k in initial if k.startswith("model.")]  # the LM head is not the critic's
+    moved = [k for k in decoder if not torch.equal(initial[k], critic["critic." + k])]
+    assert moved and "critic.value_head.weight" in critic
+
+    resumed = read_metrics(train(tmp_path, *remote(servers, *four, "--ckpt_path", str(ckpt))))
+    assert [int(r["step"]) for r in resumed] == [2, 3]
+    straight = read_metrics(train(tmp_path / "straight", *remote(servers, *four)))
+    assert any(r["critic/grad_norm"] > 0 for r in straight[2:])
+    for key in ("reward", "policy_loss", "grad_norm", "critic/values", "critic/value_loss"):
+        expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
+        assert [r[key] for r in straight[2:]] == expected, key
+
+
+def test_ppo_on_two_fsdp2_ranks_matches_one_process(servers, tmp_path) -> None:
+    """The critic is sharded like the policy: rewards, values and the first update of both
+    models on 2 gloo ranks equal one process's."""
+    common = [
+        *PPO, "--model.rollout.max_iterations", "1", "--model.optim.eps", "1e-3",
+        "--model.critic.optim.eps", "1e-3", "--trainer.val_check_interval", "null",
+        "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    single = train(tmp_path / "single", *remote(servers, *common, *batches(4, 8, 4)))
+    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 2)), devices=2)
+    one, two = read_metrics(single)[0], read_metrics(sharded)[0]
+    for key in ("reward", "critic/values", "critic/value_loss", "policy_loss", "kl"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    initial = load_weights(servers["model"])
+    a, b = load_weights(single / "hf_export"), load_weights(sharded / "hf_export")
+    for name in initial:
+        delta_single, delta_sharded = a[name] - initial[name], b[name] - initial[name]
+        torch.testing.assert_close(delta_sharded, delta_single, atol=2e-6, rtol=1e-3, msg=name)
+    critic_one = critic_weights(single / "checkpoints" / "last.ckpt")
+    critic_two = critic_weights(sharded / "checkpoints" / "last.ckpt")
+    assert critic_one.keys() == critic_two.keys()
+    head = "critic.value_head.weight"
+    assert critic_one[head].abs().max() > 0
+    for name, weight in critic_one.items():
+        torch.testing.assert_close(critic_two[name], weight, atol=2e-6, rtol=1e-3, msg=name)
+    decoder = {k: v for k, v in critic_one.items() if not k.startswith("critic.value_head")}
+    moved = max((v - initial[k.removeprefix("critic.")]).abs().max() for k, v in decoder.items())
+    assert moved > 1e-4, "the critic's update did not move it: the comparison would be vacuous"
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "fabric-run"])
 def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> None:
     """`torchrun` and Lightning's `fabric run` start the ranks; the trainer joins them."""

@@ -195,6 +195,70 @@ def test_policy_update_steps_once_per_mini_batch_and_epoch(tmp_path, monkeypatch
         policy_update(policy, optimizer, exp, uneven, backward, torch.Generator())
 
 
+def test_critic_is_built_for_ppo_only_from_the_policys_weights(tmp_path, monkeypatch) -> None:
+    from rpp_lightning.critic import CriticModel
+
+    for estimator in ["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"]:
+        module = _module(tmp_path, monkeypatch, estimator)
+        module.configure_model()
+        assert module.critic_config is None and module.critic is None, estimator
+        optimizers, _ = module.configure_optimizers()
+        assert len(optimizers) == 1
+    module = _module(tmp_path, monkeypatch, "ppo")
+    module.configure_model()
+    assert isinstance(module.critic, CriticModel)
+    optimizers, schedulers = module.configure_optimizers()
+    assert len(optimizers) == len(schedulers) == 2
+    assert optimizers[1].param_groups[0]["lr"] == module.critic_config.optim.lr
+    # the decoder starts as the policy's (its LM head dropped), with a small fresh value head
+    policy = module.policy.model.state_dict()
+    critic = module.critic.model.state_dict()
+    assert policy.keys() == critic.keys()
+    assert all(torch.equal(policy[k], critic[k]) for k in policy)
+    assert 0 < module.critic.value_head.weight.abs().max() < 1
+
+
+def test_critic_value_loss_on_a_fixed_batch_falls(tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from rpp_lightning.critic import experience_values
+    from rpp_lightning.update import critic_update
+
+    module = _module(tmp_path, monkeypatch, "ppo")
+    algorithm = replace(module.algorithm, mini_batch_size=4)
+    module.configure_model()
+    optimizer = torch.optim.AdamW(module.critic.parameters(), lr=1e-2)
+    exp = _experience()
+    exp.values = experience_values(module.critic, exp, 4)
+    module.experience.advantages(exp, exp.rewards)  # GAE on the critic's values
+    # by hand, row by row: δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, G_t = A_t + V_t,
+    # with r_t = −β k1_t and + R on the last token (γ = 1, λ = gae_lambda, β = kl_coef = 0.1)
+    lam, beta = module.algorithm.gae_lambda, module.algorithm.kl_coef
+    for row in range(len(exp)):
+        n = int(exp.action_mask[row].sum())
+        v = exp.values[row, :n].tolist() + [0.0]
+        kl = (exp.old_log_probs[row, :n] - exp.ref_log_probs[row, :n]).tolist()
+        r = [-beta * k for k in kl]
+        r[-1] += float(exp.rewards[row])
+        advantage, expected = 0.0, [0.0] * n
+        for t in reversed(range(n)):
+            advantage = r[t] + v[t + 1] - v[t] + lam * advantage
+            expected[t] = advantage + v[t]
+        torch.testing.assert_close(exp.returns[row, :n], torch.tensor(expected), atol=1e-5, rtol=0)
+    before = exp.values.clone()
+    losses = []
+    for _ in range(6):
+        steps = critic_update(
+            module.critic, optimizer, exp, algorithm, module.critic_config,
+            lambda loss: loss.backward(), torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        losses.append(float(steps[0]["critic/value_loss"]))
+        assert all(torch.isfinite(v) for v in steps[0].values())
+    assert losses[-1] < 0.7 * losses[0], losses
+    after = experience_values(module.critic, exp, 4)
+    assert not torch.allclose(after, before)
+
+
 def test_sampler_shards_match_one_process_and_resume() -> None:
     single = list(ResumableSampler(40, batch_size=4, rank=0, world_size=1, seed=3))
     ranks = [list(ResumableSampler(40, 2, rank, 2, seed=3)) for rank in range(2)]
