@@ -244,7 +244,7 @@ def results_markdown(table: dict, command: str, seeds: int, iterations: int, png
         lines.append(
             f"| {name} | {_cell(row['accuracy_before'], 100, 1)} → "
             f"{_cell(row['accuracy_after'], 100, 1)} | {_cell(row['final_reward'])} | "
-            f"{_cell(row['final_kl'], digits=4)} | {_cell(row['reward_gain_per_kl'], digits=1)} | "
+            f"{_cell(row['final_kl'], digits=4)} | {_cell(row['reward_gain_per_kl'])} | "
             f"{_cell(row['final_response_length'], digits=2)} | "
             f"{_cell(row['step_time_median_s'])} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} | {_cell(row['peak_rss_mb'], digits=0)} |"
@@ -258,7 +258,8 @@ def results_markdown(table: dict, command: str, seeds: int, iterations: int, png
         "| --- |" + " --- |" * len(phases),
     ]
     for name, row in table.items():
-        cells = [f"{row['phase_median_s'].get(p, math.nan):.3f}" for p in phases]
+        cells = [f"{row['phase_median_s'][p]:.3f}" if p in row["phase_median_s"] else "—"
+                 for p in phases]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -296,7 +297,7 @@ def main() -> int:
             print(
                 f"{estimator:>22} seed {seed}: accuracy {100 * run['accuracy_before']:.1f}% → "
                 f"{100 * run['accuracy_after']:.1f}%, step {run['step_time_median_s']:.3f} s, "
-                f"reward gain/KL {run['reward_gain_per_kl']:.1f}",
+                f"reward gain/KL {run['reward_gain_per_kl']:.3f}",
                 flush=True,
             )
     table = aggregate(runs)

@@ -36,7 +36,6 @@ from rpp_lightning.config import (
 from rpp_lightning.critic import load_critic, load_sharded_critic
 from rpp_lightning.data import PromptRow
 from rpp_lightning.evaluation import HeldOutEvaluation
-from rpp_lightning.experience import Experience
 from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed, update_metrics
 from rpp_lightning.policy import (
     export_hf,
@@ -44,7 +43,7 @@ from rpp_lightning.policy import (
     load_causal_lm,
     load_sharded_causal_lm,
 )
-from rpp_lightning.rollout import ExperienceMaker, RolloutStep
+from rpp_lightning.rollout import ExperienceMaker, IterationExperience, RolloutStep
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group
 from rpp_lightning.update import (
@@ -240,8 +239,9 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
 
     # ---- one iteration ----------------------------------------------------------------------
 
-    def _update(self, exp: Experience) -> tuple[list, list]:
+    def _update(self, made: IterationExperience) -> tuple[list, list]:
         """The policy's and (ppo) the critic's optimizer steps on this iteration's batch."""
+        exp = made.exp
         group = data_parallel_group()
         world = dist.get_world_size(group) if group is not None else 1
         seed = self.seed + self.iteration * world + self.global_rank
@@ -265,6 +265,7 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
             self.manual_backward,
             torch.Generator().manual_seed(seed),
             group,
+            made.policy_forward,
         )
         return steps, critic_steps
 
@@ -288,7 +289,7 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
             batch, rollout_step, self.policy, self.reference, timings, self.critic
         )
         with timed(timings, "update"):
-            steps, critic_steps = self._update(made.exp)
+            steps, critic_steps = self._update(made)
         _, schedulers = self._optimizers_and_schedulers()
         for scheduler in schedulers:
             scheduler.step()

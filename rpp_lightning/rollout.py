@@ -23,10 +23,11 @@ from rpp_lightning.critic import experience_values
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.metrics import timed
-from rpp_lightning.policy import experience_log_probs
+from rpp_lightning.policy import experience_log_probs, response_log_probs
 from rpp_lightning.rewards import RewardBatch
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group
+from rpp_lightning.update import PolicyForward, single_forward_update
 
 
 @dataclass
@@ -38,6 +39,7 @@ class IterationExperience:
     rewards: RewardBatch  # before normalisation, per source
     entropy: Tensor  # (N, R) of π_old, per token
     advantage_stats: dict[str, float]  # before normalisation (algorithm.md §7)
+    policy_forward: PolicyForward | None = None  # log π_old with its graph: see make()
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,22 @@ class ExperienceMaker:
         unscored = torch.zeros(len(sequences))  # the rewards arrive after the log-probs
         device = next(policy.parameters()).device
         exp = Experience(sequences, attention_mask, action_mask, unscored).to(device)
+        forward = None
         with timed(timings, "logprobs"):
             size = self.algorithm.micro_batch_size
             # π_old's entropy comes with its forward at little cost: logged every step (§7)
             temperature = self.rollout.temperature  # the distribution the servers sampled
-            exp.old_log_probs, entropy = experience_log_probs(policy, exp, size, True, temperature)
+            if single_forward_update(self.algorithm, len(exp)):
+                # the update will be one step on this very batch: its forward, graph kept, is
+                # log π_old too (update.single_forward_update)
+                forward = response_log_probs(
+                    policy, exp.sequences, exp.attention_mask, exp.num_actions, True, temperature
+                )
+                exp.old_log_probs, entropy = (t.detach().float() for t in forward)
+            else:
+                exp.old_log_probs, entropy = experience_log_probs(
+                    policy, exp, size, True, temperature
+                )
             exp.ref_log_probs, _ = experience_log_probs(reference, exp, size, False, temperature)
         if critic is not None:
             with timed(timings, "values"):
@@ -109,7 +122,7 @@ class ExperienceMaker:
         )
         stats = self.advantages(exp, rewards)
         exp.rewards = A.clip_rewards(rewards, cfg.reward_clip)  # logged as reward/after_norm_clip
-        return IterationExperience(exp, rollouts, reward_batch, entropy, stats)
+        return IterationExperience(exp, rollouts, reward_batch, entropy, stats, forward)
 
     def advantages(self, exp: Experience, rewards: Tensor) -> dict[str, float]:
         """Fill exp.advantages and exp.returns from the normalised, unclipped `rewards` (N,) with

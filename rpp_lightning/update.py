@@ -29,6 +29,18 @@ class PolicyUpdateConfig:
 
 
 MicroBatchLoss = Callable[[Experience, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+PolicyForward = tuple[torch.Tensor, torch.Tensor | None]
+"""log π_θ (N, R) and entropy (N, R) of a whole rollout batch, with their autograd graph."""
+
+
+def single_forward_update(algorithm: AlgorithmConfig, rows: int) -> bool:
+    """Whether the update of `rows` rollouts is one optimizer step on one micro-batch of them all
+    (one epoch, mini- and micro-batch ≥ rows). Then π_θ at the update's forward is π_old, so the
+    forward that gives log π_old can carry its graph into the update instead of being run twice
+    (what TRL does with one iteration per batch): the same numbers, one forward fewer."""
+    return (
+        algorithm.epochs == 1 and min(algorithm.mini_batch_size, algorithm.micro_batch_size) >= rows
+    )
 
 
 def policy_update(
@@ -39,18 +51,28 @@ def policy_update(
     backward: Callable[[torch.Tensor], None],
     shuffle: torch.Generator,
     group: dist.ProcessGroup | None = None,
+    forward: PolicyForward | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """`epochs` passes of shuffled mini-batches over `exp`, one optimizer step per mini-batch.
 
     `backward` is Lightning's `manual_backward` (plain `loss.backward()` outside Lightning).
     Every rank must hold the same number of rows (see `check_same_rows_on_every_rank`), so that
-    all run the same number of forwards and optimizer steps. Returns each optimizer step's
-    statistics (global: the same on every rank) and its gradient norm.
+    all run the same number of forwards and optimizer steps. `forward`: the whole batch's
+    log-probs with their graph, when `single_forward_update` holds (the experience phase ran
+    them). Returns each optimizer step's statistics (global: the same on every rank) and its
+    gradient norm.
     """
     cfg = config.algorithm
+    if forward is not None and not single_forward_update(cfg, len(exp)):
+        raise ValueError("a precomputed forward needs one optimizer step on one micro-batch")
+    unused = [forward]
 
     def loss(micro: Experience, tokens: torch.Tensor):
-        return micro_batch_loss(policy, micro, tokens, cfg, config.estimator, config.temperature)
+        # the single micro-batch of a single-forward update is the batch itself
+        given = unused.pop() if unused and micro is exp else None
+        return micro_batch_loss(
+            policy, micro, tokens, cfg, config.estimator, config.temperature, given
+        )
 
     return _mini_batch_steps(policy, optimizer, exp, cfg, loss, backward, shuffle, group)
 
@@ -152,18 +174,22 @@ def micro_batch_loss(
     algorithm: AlgorithmConfig,
     estimator: A.AdvantageEstimatorSpec,
     temperature: float = 1.0,
+    forward: PolicyForward | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss (+ KL loss for estimators that put KL there, − entropy bonus) of `micro`,
-    with log-probs at the sampling `temperature` (as π_old's were).
+    with log-probs at the sampling `temperature` (as π_old's were), or those of `forward`.
 
     Every term is a sum over this micro-batch's action tokens divided by `num_action_tokens`,
     the mini-batch's token count over all ranks, so summing micro-batch gradients (and averaging
     over ranks, times the world size) gives the token-level mean of the whole mini-batch.
     """
     with_entropy = algorithm.entropy_coef > 0
-    log_probs, entropy = response_log_probs(
-        policy, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy, temperature
-    )  # (n, R)
+    if forward is None:
+        forward = response_log_probs(
+            policy, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy,
+            temperature,
+        )  # fmt: skip
+    log_probs, entropy = forward  # (n, R)
     out = A.policy_loss(
         log_probs,
         micro.old_log_probs,

@@ -179,9 +179,12 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
         "--trainer.val_check_interval", "null",
         "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
-    # the same 4 prompts × 2 samples: one process, or 2 prompts on each of 2 ranks
+    # the same 4 prompts × 2 samples: one process, or 2 prompts on each of 2 ranks. The ranks
+    # update in one micro-batch each, so they keep log π_old's forward for the update
+    # (update.single_forward_update) while the one process runs two micro-batches: both paths
+    # must give the same update
     single = train(tmp_path / "single", *remote(servers, *common, *batches(4, 8, 4)))
-    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 2)), devices=2)
+    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 4)), devices=2)
     initial = load_weights(servers["model"])
     a, b = load_weights(single / "hf_export"), load_weights(sharded / "hf_export")
     moved = 0.0

@@ -259,6 +259,64 @@ def test_critic_value_loss_on_a_fixed_batch_falls(tmp_path, monkeypatch) -> None
     assert not torch.allclose(after, before)
 
 
+def test_single_forward_update_equals_two_forwards(tmp_path, monkeypatch) -> None:
+    """One step on one micro-batch of the whole batch: the experience phase's forward (graph
+    kept) serves as log π_old and as the update's forward; the update equals the one that runs a
+    second forward."""
+    from copy import deepcopy
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from rpp_lightning.policy import experience_log_probs, response_log_probs
+    from rpp_lightning.tiny import tiny_llama_config
+    from rpp_lightning.update import single_forward_update
+
+    module = _module(tmp_path, monkeypatch, "reinforce_pp_baseline")  # KL loss on top
+    algorithm = replace(module.algorithm, mini_batch_size=4, micro_batch_size=4, entropy_coef=0.1)
+    assert single_forward_update(algorithm, 4)
+    assert not single_forward_update(replace(algorithm, micro_batch_size=2), 4)
+    assert not single_forward_update(replace(algorithm, epochs=2), 4)
+    assert not single_forward_update(algorithm, 8)
+    config = PolicyUpdateConfig(algorithm, module.estimator)
+    torch.manual_seed(0)
+    policies = [AutoModelForCausalLM.from_config(tiny_llama_config()) for _ in range(2)]
+    policies[1].load_state_dict(policies[0].state_dict())
+    initial = deepcopy(policies[0].state_dict())
+    results = []
+    for policy, fused in zip(policies, (False, True), strict=True):
+        exp = _experience()
+        if fused:
+            forward = response_log_probs(
+                policy, exp.sequences, exp.attention_mask, exp.num_actions, True
+            )
+            exp.old_log_probs = forward[0].detach()
+        else:
+            forward = None
+            exp.old_log_probs, _ = experience_log_probs(policy, exp, 4)
+        module.experience.advantages(exp, exp.rewards)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        steps = policy_update(
+            policy, optimizer, exp, config, lambda loss: loss.backward(),
+            torch.Generator().manual_seed(0), forward=forward,
+        )  # fmt: skip
+        results.append((deepcopy(policy.state_dict()), steps[0]))
+    (plain, plain_stats), (fused, fused_stats) = results
+    assert plain_stats.keys() == fused_stats.keys() and "entropy_bonus" in fused_stats
+    for key, value in plain_stats.items():
+        torch.testing.assert_close(fused_stats[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    moved = max((plain[k] - initial[k]).abs().max() for k in plain)
+    assert moved > 1e-3, "the update did not move the weights: the comparison would be vacuous"
+    for name, weight in plain.items():
+        torch.testing.assert_close(fused[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="one optimizer step on one micro-batch"):
+        policy_update(
+            policies[0], optimizer, _experience(), PolicyUpdateConfig(
+                replace(algorithm, micro_batch_size=2), module.estimator
+            ), lambda loss: loss.backward(), torch.Generator(), forward=forward,
+        )  # fmt: skip
+
+
 def test_sampler_shards_match_one_process_and_resume() -> None:
     single = list(ResumableSampler(40, batch_size=4, rank=0, world_size=1, seed=3))
     ranks = [list(ResumableSampler(40, 2, rank, 2, seed=3)) for rank in range(2)]
