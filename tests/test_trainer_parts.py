@@ -236,7 +236,7 @@ def test_critic_value_loss_on_a_fixed_batch_falls(tmp_path, monkeypatch) -> None
     lam, beta = module.algorithm.gae_lambda, module.algorithm.kl_coef
     for row in range(len(exp)):
         n = int(exp.action_mask[row].sum())
-        v = exp.values[row, :n].tolist() + [0.0]
+        v = [*exp.values[row, :n].tolist(), 0.0]
         kl = (exp.old_log_probs[row, :n] - exp.ref_log_probs[row, :n]).tolist()
         r = [-beta * k for k in kl]
         r[-1] += float(exp.rewards[row])
