@@ -127,14 +127,33 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+PPO = ["--model.algorithm.advantage_estimator", "ppo", "--model.critic.optim.lr", "1e-3"]
+
+
+def critic_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The critic's full weights from a single-file or a sharded (directory) checkpoint."""
+    if checkpoint.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(str(checkpoint), str(checkpoint.with_suffix(".pt")))
+        checkpoint = checkpoint.with_suffix(".pt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("critic.")}
+
+
 def test_trains_pushes_versions_and_resumes(servers, tmp_path) -> None:
+    """End to end with `ppo`, whose state is a superset of the critic-free estimators': the
+    policy and the critic (weights, optimizer, schedule) resume; the sharded resume test below
+    covers REINFORCE++ itself."""
     # a 4-iteration run stopped after 2 (the LR schedule spans the 4 iterations)
-    stop_early = ["--model.rollout.max_iterations", "4", "--trainer.max_steps", "2"]
+    stop_early = [*PPO, "--model.rollout.max_iterations", "4", "--trainer.max_steps", "2"]
     first = train(tmp_path, *remote(servers, *stop_early))
     rows = read_metrics(first)
-    assert len(rows) == 2
+    assert len(rows) == 2  # max_steps counts policy steps: the critic's are not Lightning's
     for row in rows:
-        assert math.isfinite(row["policy_loss"]) and math.isfinite(row["grad_norm"])
+        for key in ("policy_loss", "grad_norm", "critic/value_loss", "critic/grad_norm"):
+            assert math.isfinite(row[key]), key
+        assert row["time/values"] > 0
     # one push before the first rollout (version v0+1), then one after each iteration
     versions = [int(row["weights_version"]) for row in rows]
     assert versions[1] == versions[0] + 1
@@ -147,13 +166,19 @@ def test_trains_pushes_versions_and_resumes(servers, tmp_path) -> None:
 
     # resume: the step count and the weights version continue where the first run stopped
     ckpt = first / "checkpoints" / "last.ckpt"
-    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    checkpoint = torch.load(ckpt, weights_only=False)
+    saved = checkpoint["state_dict"]
     assert any(k.startswith("policy.") for k in saved)
     assert not any(k.startswith("reference.") for k in saved)  # rebuilt from its path instead
-    second = train(
-        tmp_path,
-        *remote(servers, "--model.rollout.max_iterations", "4", "--ckpt_path", str(ckpt)),
-    )
+    # the critic: its weights (the decoder moved from the policy's start), Adam and schedule
+    assert len(checkpoint["optimizer_states"]) == len(checkpoint["lr_schedulers"]) == 2
+    assert checkpoint["optimizer_states"][1]["state"], "the critic's Adam moments are saved"
+    critic = critic_weights(ckpt)
+    decoder = [k for k in initial if k.startswith("model.")]  # the LM head is not the critic's
+    assert any(not torch.equal(initial[k], critic["critic." + k]) for k in decoder)
+    assert "critic.value_head.weight" in critic
+    four = [*PPO, "--model.rollout.max_iterations", "4"]
+    second = train(tmp_path, *remote(servers, *four, "--ckpt_path", str(ckpt)))
     resumed = read_metrics(second)
     assert [int(r["step"]) for r in resumed] == [2, 3]
     assert int(resumed[0]["weights_version"]) > versions[-1]
@@ -161,10 +186,10 @@ def test_trains_pushes_versions_and_resumes(servers, tmp_path) -> None:
 
     # nothing lost: the resumed iterations 3-4 equal those of an uninterrupted 4-iteration run
     # (same prompts, same weights and optimizer state, same sampling seeds)
-    straight = read_metrics(
-        train(tmp_path / "straight", *remote(servers, "--model.rollout.max_iterations", "4"))
-    )
-    for key in ("reward", "response_length", "policy_loss", "grad_norm"):
+    straight = read_metrics(train(tmp_path / "straight", *remote(servers, *four)))
+    assert any(r["critic/grad_norm"] > 0 for r in straight[2:])
+    keys = ("reward", "response_length", "policy_loss", "grad_norm", "critic/values")
+    for key in (*keys, "critic/value_loss"):
         expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
         assert [r[key] for r in straight[2:]] == expected, key
 
@@ -238,50 +263,6 @@ def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) ->
     )
     assert any(r["grad_norm"] > 0 for r in straight[2:]), "no update: the comparison is vacuous"
     for key in ("reward", "response_length", "policy_loss", "grad_norm", "kl"):
-        expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
-        assert [r[key] for r in straight[2:]] == expected, key
-
-
-PPO = ["--model.algorithm.advantage_estimator", "ppo", "--model.critic.optim.lr", "1e-3"]
-
-
-def critic_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The critic's full weights from a single-file or a sharded (directory) checkpoint."""
-    if checkpoint.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        dcp_to_torch_save(str(checkpoint), str(checkpoint.with_suffix(".pt")))
-        checkpoint = checkpoint.with_suffix(".pt")
-    state = torch.load(checkpoint, weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("critic.")}
-
-
-def test_ppo_trains_its_critic_and_resumes_it(servers, tmp_path) -> None:
-    """`ppo` end to end: values in the experience, GAE, the critic's own optimizer; its weights
-    and optimizer state are checkpointed and a resumed run equals an uninterrupted one."""
-    four = [*PPO, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"]
-    first = train(tmp_path, *remote(servers, *four, "--trainer.max_steps", "2"))
-    rows = read_metrics(first)
-    assert len(rows) == 2  # max_steps counts policy steps: the critic's are not Lightning's
-    for row in rows:
-        for key in ("policy_loss", "critic/value_loss", "critic/grad_norm", "critic/values"):
-            assert math.isfinite(row[key]), key
-        assert row["time/values"] > 0
-    ckpt = first / "checkpoints" / "last.ckpt"
-    saved = torch.load(ckpt, weights_only=False)
-    assert len(saved["optimizer_states"]) == 2 and len(saved["lr_schedulers"]) == 2
-    assert saved["optimizer_states"][1]["state"], "the critic's Adam moments are saved"
-    # the critic learned: its decoder moved away from the policy's initial weights
-    initial, critic = load_weights(servers["model"]), critic_weights(ckpt)
-    decoder = [k for k in initial if k.startswith("model.")]  # the LM head is not the critic's
-    moved = [k for k in decoder if not torch.equal(initial[k], critic["critic." + k])]
-    assert moved and "critic.value_head.weight" in critic
-
-    resumed = read_metrics(train(tmp_path, *remote(servers, *four, "--ckpt_path", str(ckpt))))
-    assert [int(r["step"]) for r in resumed] == [2, 3]
-    straight = read_metrics(train(tmp_path / "straight", *remote(servers, *four)))
-    assert any(r["critic/grad_norm"] > 0 for r in straight[2:])
-    for key in ("reward", "policy_loss", "grad_norm", "critic/values", "critic/value_loss"):
         expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
         assert [r[key] for r in straight[2:]] == expected, key
 
