@@ -2,6 +2,7 @@
 
     python benchmarks/compare_estimators.py                       # 5 estimators × 3 seeds
     python benchmarks/compare_estimators.py --estimators reinforce_pp,ppo --seeds 1 --iterations 2
+    python benchmarks/compare_estimators.py -- --data.val_path my_val.jsonl   # extra flags
 
 Every run is the quickstart command (`rpp-train fit --config configs/quickstart.yaml`) with one
 estimator, one seed and `--iterations`; a seed fixes the data order, the sampling and the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -41,7 +43,9 @@ def run_dir(out: Path, estimator: str, seed: int) -> Path:
     return out / estimator / f"seed{seed}"
 
 
-def train_once(out: Path, estimator: str, seed: int, iterations: int, timeout_s: int) -> Path:
+def train_once(
+    out: Path, estimator: str, seed: int, iterations: int, timeout_s: int, overrides: list[str]
+) -> Path:
     """Run the quickstart with one estimator and seed (unless cached); return its run.json."""
     where = run_dir(out, estimator, seed)
     done = where / "run.json"
@@ -62,6 +66,7 @@ def train_once(out: Path, estimator: str, seed: int, iterations: int, timeout_s:
         "--trainer.default_root_dir", str(where),
         "--trainer.logger", logger,
         "--model.export_dir", "null",
+        *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
     with (where / "output.log").open("w") as log:
@@ -282,16 +287,23 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=None,
                         help="write the markdown table here (e.g. docs/results.md)")  # fmt: skip
     parser.add_argument("--timeout-s", type=int, default=3600, help="per run")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra rpp-train flags for every run (after --)"
+    )
     args = parser.parse_args()
     estimators = [e for e in args.estimators.split(",") if e]
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
         parser.error(f"unknown estimators {unknown}; valid: {', '.join(ESTIMATORS)}")
     out = args.out / f"iter{args.iterations}"
+    if args.overrides:  # other settings, other runs: cached apart
+        out = out.with_name(
+            out.name + "-" + hashlib.sha1(" ".join(args.overrides).encode()).hexdigest()[:8]
+        )
     runs: dict[str, list[dict]] = {e: [] for e in estimators}
     for seed in range(args.seeds):  # seed-major: a partial comparison covers every estimator
         for estimator in estimators:
-            path = train_once(out, estimator, seed, args.iterations, args.timeout_s)
+            path = train_once(out, estimator, seed, args.iterations, args.timeout_s, args.overrides)
             run = json.loads(path.read_text())
             runs[estimator].append(run)
             print(

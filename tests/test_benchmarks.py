@@ -34,10 +34,13 @@ def test_step_breakdown_reports_every_phase() -> None:
 def test_compare_estimators_reports_every_figure(tmp_path) -> None:
     """Two estimators, one seed, two iterations: every figure the comparison promises is on its
     last line, for each estimator; a second invocation reads the cached runs."""
+    held_out = tmp_path / "val.jsonl"  # 24 of the 200 held-out prompts: 4 evaluations a run
+    lines = (ROOT / "data" / "arithmetic" / "val.jsonl").read_text().splitlines()[:24]
+    held_out.write_text("\n".join(lines) + "\n")
     argv = [
         sys.executable, "benchmarks/compare_estimators.py", "--estimators", "reinforce_pp,ppo",
         "--seeds", "1", "--iterations", "2", "--out", str(tmp_path / "out"),
-        "--results", str(tmp_path / "results.md"),
+        "--results", str(tmp_path / "results.md"), "--", "--data.val_path", str(held_out),
     ]  # fmt: skip
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
