@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from rpp_lightning.config import CriticConfig, PolicyConfig
-from rpp_lightning.experience import Experience
+from rpp_lightning.experience import Experience, per_token_in_micro_batches
 from rpp_lightning.policy import _for_training, _hf_config, load_causal_lm, load_sharded
 
 log = logging.getLogger("rpp.critic")
@@ -131,13 +131,13 @@ def response_values(
     return values[:, -num_actions - 1 : -1]  # (N, R)
 
 
-@torch.no_grad()
 def experience_values(critic: nn.Module, exp: Experience, micro_batch_size: int) -> Tensor:
     """Values (N, R) of every response token of `exp`, in micro-batches, without grad."""
-    out = torch.zeros(exp.action_mask.shape, device=exp.sequences.device)  # (N, R)
-    for start in range(0, len(exp), micro_batch_size):
-        rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
-        micro = exp.select(rows)  # trims padding columns: (n, r) with r <= R
-        values = response_values(critic, micro.sequences, micro.attention_mask, micro.num_actions)
-        out[rows, : micro.num_actions] = values
-    return out
+    (values,) = per_token_in_micro_batches(
+        exp,
+        micro_batch_size,
+        lambda micro: (
+            response_values(critic, micro.sequences, micro.attention_mask, micro.num_actions),
+        ),
+    )
+    return values

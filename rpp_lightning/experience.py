@@ -8,7 +8,7 @@ the last R columns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -95,6 +95,29 @@ class Experience:
             return
         for start in range(0, len(self), size):
             yield self.select(torch.arange(start, min(start + size, len(self))))
+
+
+@torch.no_grad()
+def per_token_in_micro_batches(
+    exp: Experience,
+    micro_batch_size: int,
+    compute: Callable[[Experience], tuple[Tensor | None, ...]],
+) -> tuple[Tensor | None, ...]:
+    """`compute` on micro-batches of `exp` without grad, each of its (n, r) per-token results
+    gathered into an (N, R) float32 tensor (zeros past a micro-batch's trimmed width; a None
+    result stays None). The log-probs and values of the experience phase go through here."""
+    out: list[Tensor | None] | None = None
+    for start in range(0, len(exp), micro_batch_size):
+        rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
+        micro = exp.select(rows)  # trims padding columns: results are (n, r) with r <= R
+        results = compute(micro)
+        if out is None:
+            out = [None if r is None else exp.action_mask.new_zeros(exp.action_mask.shape,
+                   dtype=torch.float32) for r in results]  # fmt: skip
+        for gathered, result in zip(out, results, strict=True):
+            if gathered is not None:
+                gathered[rows, : micro.num_actions] = result.float()
+    return tuple(out or ())
 
 
 def pack_rollouts(

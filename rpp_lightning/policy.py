@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits
 from rpp_lightning.config import PolicyConfig
-from rpp_lightning.experience import Experience
+from rpp_lightning.experience import Experience, per_token_in_micro_batches
 
 
 def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:
@@ -182,7 +182,6 @@ def response_log_probs(
     return log_probs, entropy
 
 
-@torch.no_grad()
 def experience_log_probs(
     model: nn.Module,
     exp: Experience,
@@ -192,23 +191,15 @@ def experience_log_probs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (N, R) of every response token of `exp` at `temperature`, in micro-batches,
     without grad; with `with_entropy`, also the per-token entropy (N, R) of that distribution."""
-    out = torch.zeros(exp.action_mask.shape, device=exp.sequences.device)  # (N, R)
-    entropy = torch.zeros_like(out) if with_entropy else None  # (N, R)
-    for start in range(0, len(exp), micro_batch_size):
-        rows = torch.arange(start, min(start + micro_batch_size, len(exp)))
-        micro = exp.select(rows)
-        log_probs, micro_entropy = response_log_probs(
-            model,
-            micro.sequences,
-            micro.attention_mask,
-            micro.num_actions,
-            with_entropy,
+    log_probs, entropy = per_token_in_micro_batches(
+        exp,
+        micro_batch_size,
+        lambda micro: response_log_probs(
+            model, micro.sequences, micro.attention_mask, micro.num_actions, with_entropy,
             temperature,
-        )  # (n, r) with r <= R: select() trims padding columns
-        out[rows, : micro.num_actions] = log_probs.float()
-        if entropy is not None:
-            entropy[rows, : micro.num_actions] = micro_entropy.float()
-    return out, entropy
+        ),
+    )  # fmt: skip
+    return log_probs, entropy
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
