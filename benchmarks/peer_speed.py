@@ -8,11 +8,18 @@ character tokenizer; 8 prompts × 4 samples × up to 32 new tokens a step, one o
 the 32 samples, 2 threads. Ours: `configs/tiny.yaml` with those overrides (PEER_SHAPES), its
 local generation and math-verify reward servers over gRPC, a checkpoint every iteration as the
 tiny config has it; timed whole, from one step's start to the next. TRL: `GRPOTrainer` as a user
-runs it (generation in-process with `model.generate`, math-verify in-process, its defaults:
-beta 0 so no reference model), timed from one step's start to the next with a callback. The two
-alternate `--rounds` times so the machine's drift hits both; medians over the steps after the
-first two of each run. Without trl importable, TRL's side is skipped with a line saying so.
-The last line is one JSON object.
+runs it (generation in-process with `model.generate`, math-verify in-process), timed from one
+step's start to the next with a callback.
+
+Both sides compute the same thing in two settings, each measured:
+- without a KL term: TRL's default `beta=0`, ours `kl_coef 0`; neither loads a reference model;
+- with one: TRL `beta=0.001` (a k3 penalty in the loss), ours the tiny config's `kl_coef 0.001`
+  (k1 in the reward); each runs one reference forward per step.
+Without a KL term ours also runs once more with no checkpoints (`no_kl_no_ckpt`), as TRL runs
+here: what is left between the two is then the weight push to a separate server.
+The runs alternate `--rounds` times so the machine's drift hits every one; medians over the
+steps after the first two of each run. Without trl importable, TRL's side is skipped with a line
+saying so. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -46,14 +53,16 @@ PEER_SHAPES = [
 ]  # fmt: skip
 """`rpp-train` overrides of configs/tiny.yaml for the peer shapes (also step_breakdown's)."""
 WARMUP = 2  # steps left out of each run's median
+KL_COEFS = {"no_kl": 0.0, "kl": 0.001}  # ours kl_coef = TRL beta, per setting
 
 
-def ours(steps: int) -> list[float]:
+def ours(steps: int, kl_coef: float, checkpoints: bool = True) -> list[float]:
     """Whole-iteration times of `rpp-train fit --config configs/tiny.yaml` on the peer shapes."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
             sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", "configs/tiny.yaml",
             *PEER_SHAPES,
+            "--model.algorithm.kl_coef", str(kl_coef),
             "--model.rollout.max_iterations", str(steps),
             "--trainer.default_root_dir", tmp,
             "--trainer.logger", f"[{{class_path: lightning.pytorch.loggers.CSVLogger, "
@@ -61,6 +70,8 @@ def ours(steps: int) -> list[float]:
             "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--model.export_dir", "null",
         ]  # fmt: skip
+        if not checkpoints:  # as TRL runs here (save_strategy "no")
+            argv += ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
         subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         (metrics,) = Path(tmp).glob("csv/*/metrics.csv")
@@ -72,7 +83,7 @@ def ours(steps: int) -> list[float]:
     return [float(r["time/previous_iteration"]) for r in rows]
 
 
-def trl_worker(steps: int) -> None:
+def trl_worker(steps: int, beta: float) -> None:
     """Run TRL's GRPOTrainer for `steps` steps; print the step times as one JSON list."""
     import time
 
@@ -108,27 +119,29 @@ def trl_worker(steps: int) -> None:
             starts.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
+        # from a directory, as a user has it: TRL loads its reference model (beta > 0) from there
+        model.save_pretrained(f"{tmp}/model")
         args = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=PROMPTS * SAMPLES,
             num_generations=SAMPLES, max_completion_length=NEW_TOKENS, max_steps=steps,
             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+            use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, beta=beta,
         )  # fmt: skip
         trainer = GRPOTrainer(
-            model=model, reward_funcs=math_reward, args=args, train_dataset=dataset,
+            model=f"{tmp}/model", reward_funcs=math_reward, args=args, train_dataset=dataset,
             processing_class=tokenizer, callbacks=[StepTimes()],
         )  # fmt: skip
         trainer.train()
     print(json.dumps([b - a for a, b in itertools.pairwise(starts)]))
 
 
-def trl(steps: int) -> list[float] | None:
+def trl(steps: int, beta: float) -> list[float] | None:
     """TRL's step times from a fresh process, or None when trl is not importable."""
     try:
         import trl as _  # noqa: F401
     except ImportError:
         return None
-    argv = [sys.executable, __file__, "--trl-worker", "--steps", str(steps)]
+    argv = [sys.executable, __file__, "--trl-worker", "--steps", str(steps), "--beta", str(beta)]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -139,36 +152,45 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--beta", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
-        trl_worker(args.steps)
+        trl_worker(args.steps, args.beta)
         return 0
-    ours_times, trl_times, have_trl = [], [], True
+    ours_times = {setting: [] for setting in [*KL_COEFS, "no_kl_no_ckpt"]}
+    trl_times = {setting: [] for setting in KL_COEFS}
+    have_trl = True
     for round_ in range(args.rounds):
-        mine = ours(args.steps)[WARMUP - 1 :]  # row 0 already leaves out the first iteration
-        ours_times += mine
-        theirs = trl(args.steps) if have_trl else None
-        if theirs is None:
-            have_trl = False
-            print("trl is not importable: TRL's side skipped (pip install -e '.[bench]')")
-        else:
-            trl_times += theirs[WARMUP:]
-        print(
-            f"round {round_}: ours median {statistics.median(mine):.3f} s"
-            + (f", TRL median {statistics.median(theirs[WARMUP:]):.3f} s" if theirs else ""),
-            flush=True,
-        )
-    result = {
-        "ours_iteration_s_median": statistics.median(ours_times),
-        "ours_iteration_s_range": [min(ours_times), max(ours_times)],
-        "iterations_measured": len(ours_times),
-    }
-    if have_trl:
-        result.update(
-            trl_step_s_median=statistics.median(trl_times),
-            trl_step_s_range=[min(trl_times), max(trl_times)],
-            ours_over_trl=statistics.median(ours_times) / statistics.median(trl_times),
-        )
+        for setting, kl_coef in KL_COEFS.items():
+            mine = ours(args.steps, kl_coef)[WARMUP - 1 :]  # row 0 already skips iteration 0
+            ours_times[setting] += mine
+            theirs = trl(args.steps, kl_coef) if have_trl else None
+            if theirs is None:
+                have_trl = False
+                print("trl is not importable: TRL's side skipped (pip install -e '.[bench]')")
+            else:
+                trl_times[setting] += theirs[WARMUP:]
+            if setting == "no_kl":
+                bare = ours(args.steps, kl_coef, checkpoints=False)[WARMUP - 1 :]
+                ours_times["no_kl_no_ckpt"] += bare
+                print(f"round {round_} no_kl_no_ckpt: ours median {statistics.median(bare):.3f} s")
+            print(
+                f"round {round_} {setting}: ours median {statistics.median(mine):.3f} s"
+                + (f", TRL median {statistics.median(theirs[WARMUP:]):.3f} s" if theirs else ""),
+                flush=True,
+            )
+    result = {}
+    trl_times["no_kl_no_ckpt"] = trl_times["no_kl"]  # TRL never checkpoints here
+    for setting in ours_times:
+        mine = ours_times[setting]
+        result[f"{setting}/ours_iteration_s_median"] = statistics.median(mine)
+        result[f"{setting}/ours_iteration_s_range"] = [min(mine), max(mine)]
+        result[f"{setting}/iterations_measured"] = len(mine)
+        if have_trl:
+            theirs = trl_times[setting]
+            result[f"{setting}/trl_step_s_median"] = statistics.median(theirs)
+            result[f"{setting}/trl_step_s_range"] = [min(theirs), max(theirs)]
+            result[f"{setting}/ours_over_trl"] = statistics.median(mine) / statistics.median(theirs)
     print(json.dumps(result))
     return 0
 

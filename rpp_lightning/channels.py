@@ -1,8 +1,7 @@
 """Client side of the runner: one way to open a channel to any rpp server.
 
-Several addresses for one service become one channel with gRPC's own `round_robin` load
-balancing (no hand-written balancer). Retries of transient failures use gRPC's retry policy from
-the service config, so they are bounded by the caller's deadline. Imports grpc only.
+The trainer opens one channel per replica (`replicas.ReplicaSet`, which also owns retries); a
+hostname with several addresses is balanced by gRPC's own `round_robin`. Imports grpc only.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ class ChannelConfig:
     addresses: list[str] = field(default_factory=list)
     """host:port of each replica; several are load-balanced round-robin."""
     timeout_s: float = 60.0
-    """Deadline of each call, retries included."""
-    retries: int = 3
-    """Extra attempts on UNAVAILABLE (a replica restarting or draining), with backoff."""
+    """Deadline of each attempt of a call (retries: `model.failure_policy`)."""
     tls_ca: str | None = None
     """PEM CA to verify the server; enables TLS."""
     tls_cert: str | None = None
@@ -94,35 +91,22 @@ def resolve_target(addresses: Sequence[str]) -> str:
     return "ipv4:" + ",".join(dict.fromkeys(v4)) if v4 else "ipv6:" + ",".join(dict.fromkeys(v6))
 
 
-def _service_config(service_names: Sequence[str], retries: int) -> str:
-    policy = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{"service": name} for name in service_names],
-                # Only UNAVAILABLE is retried: the call never reached a servicer, so repeating
-                # it cannot score or generate twice. Backoff 0.1s, 0.2s, 0.4s... capped at 2s.
-                "retryPolicy": {
-                    "maxAttempts": retries + 1,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-    if retries <= 0:
-        del policy["methodConfig"][0]["retryPolicy"]
-    return json.dumps(policy)
+def _service_config(service_names: Sequence[str]) -> str:
+    # Retries are not gRPC's: replicas.ReplicaSet retries on another replica and knows which
+    # one failed, which gRPC's transparent retries would hide.
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def open_channel(config: ChannelConfig, service_names: Sequence[str]) -> grpc.Channel:
-    """A channel to every replica in `config.addresses`, round-robin, with retries."""
+    """A channel to every replica in `config.addresses`, round-robin."""
     max_bytes = config.max_message_mb * 1024 * 1024
     options = [
-        ("grpc.service_config", _service_config(service_names, config.retries)),
-        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(service_names)),
+        # a restarted server is seen within seconds (gRPC's default backoff grows to 120 s);
+        # how long to keep trying is the failure policy's call, not the channel's
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5000),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
     ]
@@ -145,7 +129,7 @@ def wait_until_serving(config: ChannelConfig, timeout_s: float = 60.0, service: 
 
     deadline = time.monotonic() + timeout_s
     for address in config.addresses:
-        single = dataclasses.replace(config, addresses=[address], retries=0)
+        single = dataclasses.replace(config, addresses=[address])
         with open_channel(single, ["grpc.health.v1.Health"]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:

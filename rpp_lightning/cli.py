@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from rpp_lightning.data import PromptDataModule
+from rpp_lightning.faults import EXIT_SERVER_FAILURE, TrainingInterrupted
 from rpp_lightning.module import ReinforcePP
 from rpp_lightning.progress import default_progress_bar
 from rpp_lightning.strategy import register as register_strategies
@@ -77,7 +78,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RppCLI:
 
 
 def main() -> int:
-    cli_main()
+    try:
+        cli_main()
+    except TrainingInterrupted as exc:  # servers failed past the budget; a checkpoint is saved
+        print(f"rpp-train: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SERVER_FAILURE
     return 0
 
 

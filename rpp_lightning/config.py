@@ -69,7 +69,8 @@ class AlgorithmConfig:
     """How advantages are estimated; also decides where the KL term goes (algorithm.md §4).
     `ppo` trains a critic (see `model.critic`) and estimates advantages by GAE."""
     kl_coef: float = 0.01
-    """β: weight of the KL penalty (paper: 0.01 general chat, 0.001 math)."""
+    """β: weight of the KL penalty (paper: 0.01 general chat, 0.001 math). 0 turns the KL term
+    off: no reference model is loaded or run, and no KL is logged."""
     gamma: float = 1.0
     """Discount of token rewards."""
     gae_lambda: float = 0.95
@@ -98,6 +99,11 @@ class AlgorithmConfig:
     """Rollouts per forward/backward, per rank (gradient accumulation inside a mini-batch)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the frozen reference model is needed (for the KL term)."""
+        return self.kl_coef > 0
 
     def validate(self) -> None:
         problems = []
@@ -220,9 +226,9 @@ class CriticConfig:
 
 @dataclass
 class RewardSource(ChannelConfig):
-    """One reward server (or a load-balanced set of replicas, round-robin).
+    """One reward server (or several replicas of one: batches are spread over them).
 
-    The connection fields (addresses, timeout_s, retries, TLS, token) are ChannelConfig's.
+    The connection fields (addresses, timeout_s, TLS, token) are ChannelConfig's.
     """
 
     name: str = "reward"

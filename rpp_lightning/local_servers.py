@@ -50,7 +50,10 @@ class ChildServer:
         env: dict[str, str] | None = None,
         start_timeout_s: float = 300.0,
         cwd: str | None = None,
+        wait: bool = True,
     ) -> None:
+        """`wait=False` returns once the process runs; call `wait_ready` before `address` (so
+        several servers start at once: each spends seconds importing its libraries)."""
         self.argv, self.name = list(argv), name
         self.output: list[str] = []
         self._address: str | None = None
@@ -66,11 +69,17 @@ class ChildServer:
         )
         _LIVE.add(self)
         threading.Thread(target=self._pump, daemon=True, name=f"{name}-log").start()
-        if not self._ready.wait(start_timeout_s) or self._address is None:
+        self._start_timeout_s = start_timeout_s
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the server printed its address; RuntimeError (it is stopped) if not."""
+        if not self._ready.wait(self._start_timeout_s) or self._address is None:
             self.stop(timeout_s=5)
             tail = "".join(self.output[-30:])
-            raise RuntimeError(f"{name} ({' '.join(self.argv)}) did not start:\n{tail}")
-        log.info("%s listening on %s (pid %d)", name, self._address, self.proc.pid)
+            raise RuntimeError(f"{self.name} ({' '.join(self.argv)}) did not start:\n{tail}")
+        log.info("%s listening on %s (pid %d)", self.name, self._address, self.proc.pid)
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

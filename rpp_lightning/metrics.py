@@ -40,17 +40,19 @@ def rollout_metrics(
     """Reward, accuracy, KL, response length and engine/trainer log-prob gap of a batch."""
     mask = exp.action_mask.float()  # (N, R)
     lengths = mask.sum(1)  # (N,)
-    log_ratio = exp.old_log_probs - exp.ref_log_probs  # (N, R): k1 per token
-    kl_per_sequence = (log_ratio * mask).sum(1)  # (N,)
     metrics = {
         "reward": statistics.fmean(rewards.total),
         "reward/after_norm_clip": exp.rewards.mean().item(),
-        "kl": masked_mean(log_ratio, mask).item(),
-        "kl_x_length": kl_per_sequence.mean().item(),
+        "kl": None,  # without a reference model (kl_coef 0) there is no KL to log
+        "kl_x_length": None,
         "response_length": lengths.mean().item(),
         "response_length/max": lengths.max().item(),
         "response_length/clip_ratio": (lengths >= max_new_tokens).float().mean().item(),
     }
+    if exp.ref_log_probs is not None:
+        log_ratio = exp.old_log_probs - exp.ref_log_probs  # (N, R): k1 per token
+        metrics["kl"] = masked_mean(log_ratio, mask).item()
+        metrics["kl_x_length"] = (log_ratio * mask).sum(1).mean().item()
     verdicts = [c for c in rewards.correct if c is not None]
     metrics["accuracy"] = sum(verdicts) / len(verdicts) if verdicts else None
     for name, values in rewards.per_source.items():
@@ -62,6 +64,8 @@ def rollout_metrics(
         values = torch.tensor(rollout.logprobs, dtype=engine.dtype)
         engine[row, : len(values)] = values.to(engine.device)
     metrics["logprob_gap"] = masked_mean((engine - exp.old_log_probs).abs(), mask).item()
+    # the version stamps of the weights that sampled them (the client refuses any but one)
+    metrics["weights_version/rollouts"] = float(min(r.weights_version for r in rollouts))
     return metrics
 
 

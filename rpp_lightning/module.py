@@ -34,8 +34,9 @@ from rpp_lightning.config import (
     RolloutConfig,
 )
 from rpp_lightning.critic import load_critic, load_sharded_critic
-from rpp_lightning.data import PromptRow
+from rpp_lightning.data import PromptDataModule, PromptRow
 from rpp_lightning.evaluation import HeldOutEvaluation
+from rpp_lightning.faults import ServerFailure, SurvivesServerFaults
 from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed, update_metrics
 from rpp_lightning.policy import (
     export_hf,
@@ -43,6 +44,8 @@ from rpp_lightning.policy import (
     load_causal_lm,
     load_sharded_causal_lm,
 )
+from rpp_lightning.replicas import FailurePolicy
+from rpp_lightning.rewards import check_routes
 from rpp_lightning.rollout import ExperienceMaker, IterationExperience, RolloutStep
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group
@@ -62,13 +65,13 @@ REFERENCE_PREFIX = "reference."  # the frozen reference model's keys (never chec
 for _intended in (
     r"Found \d+ module\(s\) in eval mode",  # the frozen reference model
     r"You have overridden `transfer_batch_to_device`",  # see transfer_batch_to_device below
-    r"Using ModelCheckpoint with manual optimization",  # saved after an iteration's updates
+    r"Using ModelCheckpoint with manual optimization",  # IterationCheckpoint saves after them
     r"Detected an existing checkpoint in .*last\.ckpt",  # ModelCheckpoint(save_last) rewrites it
 ):
     warnings.filterwarnings("ignore", message=_intended)
 
 
-class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
+class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
     """Trains a causal LM with REINFORCE++ against remote generation and reward servers."""
 
     def __init__(
@@ -80,6 +83,7 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
         rollout: RolloutConfig | None = None,
         optim: OptimConfig | None = None,
         critic: CriticConfig | None = None,
+        failure_policy: FailurePolicy | None = None,
         eval_max_new_tokens: int | None = None,
         evaluate_before_after: bool = False,
         export_dir: str | None = "auto",
@@ -95,6 +99,8 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
             optim: optimizer and learning-rate schedule.
             critic: the value model of `advantage_estimator: ppo` (defaults apply when unset);
                 ignored, and never built, for the critic-free estimators.
+            failure_policy: how long to retry servers that fail before checkpointing and
+                stopping (faults.py).
             eval_max_new_tokens: response length for held-out evaluation (default: rollout's).
             evaluate_before_after: evaluate on the held-out prompts before the first and after
                 the last iteration, and print "held-out accuracy X% → Y%".
@@ -131,7 +137,9 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.critic: torch.nn.Module | None = None  # ppo only
-        self.servers = TrainerServers(policy, generation, rewards)
+        self.failure_policy = failure_policy or FailurePolicy()
+        self.failure_policy.validate()
+        self.servers = TrainerServers(policy, generation, rewards, self.failure_policy)
         self.experience = ExperienceMaker(
             self.servers, self.rollout, self.algorithm, self.estimator
         )
@@ -148,6 +156,10 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
     # ---- set-up -----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule  # set up already: refuse bad rows before any server starts
+        if isinstance(data, PromptDataModule):
+            check_routes(self.servers.reward_sources, data.train_rows, data.hparams.train_path)
+            check_routes(self.servers.reward_sources, data.val_rows, "held-out prompts")
         self.servers.start(self.trainer.strategy)
 
     def configure_model(self) -> None:
@@ -162,7 +174,8 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
                     "(it also runs with --trainer.devices 1)"
                 )
             self.policy = load_causal_lm(self.policy_config)
-            self.reference = load_causal_lm(self.policy_config, reference=True)
+            if self.algorithm.uses_reference:
+                self.reference = load_causal_lm(self.policy_config, reference=True)
             if self.critic_config is not None:
                 self.critic = load_critic(self.critic_config, self.policy_config)
             return
@@ -170,9 +183,10 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
         dp_mesh = mesh["data_parallel"]
         if mixed is None:
             mixed = dp_mesh.device_type == "cuda"
-        device = self.trainer.strategy.root_device
-        self.policy = load_sharded_causal_lm(self.policy_config, dp_mesh, device, False, mixed)
-        self.reference = load_sharded_causal_lm(self.policy_config, dp_mesh, device, True, mixed)
+        device, config = self.trainer.strategy.root_device, self.policy_config
+        self.policy = load_sharded_causal_lm(config, dp_mesh, device, False, mixed)
+        if self.algorithm.uses_reference:
+            self.reference = load_sharded_causal_lm(config, dp_mesh, device, True, mixed)
         if self.critic_config is not None:  # the policy's plan, rank-0 load and precision
             self.critic = load_sharded_critic(
                 self.critic_config, self.policy_config, dp_mesh, device, mixed
@@ -195,35 +209,6 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
         # Prompt rows hold token-id lists that become device tensors later; Lightning's default
         # walks every field of every row for nothing (~1 ms a tiny-config step, profiled).
         return batch
-
-    def _sync_weights(self) -> None:
-        """Push the trainer's weights to every generation server as the next version.
-
-        Every rank takes part in gathering the full state dict; rank 0 streams it. The outcome
-        is broadcast so that a failed push stops every rank instead of leaving them waiting.
-        """
-        state = full_state_dict(self.policy)
-        version, error = None, None
-        if self.global_rank == 0:  # only rank 0 asks: another rank could see the new version
-            try:
-                # after the first push the servers serve what we pushed: no need to ask again
-                served = self.servers.served_version() if not self._synced else 0
-                version = max(self.weights_version, served) + 1
-                dtype = self.servers.push_dtype(self.device.type)
-                self.servers.generation.push_weights(state, version, dtype=dtype)
-            except Exception as exc:  # re-raised on every rank below
-                error = f"{type(exc).__name__}: {exc}"
-        version, error = self.trainer.strategy.broadcast((version, error), src=0)
-        if error:
-            raise RuntimeError(f"weight push of version {version} failed: {error}")
-        self.weights_version = version
-
-    def _ensure_synced(self) -> None:
-        # Runs after any checkpoint restore and before the first rollout or evaluation, so the
-        # servers never sample from weights other than the trainer's.
-        if not self._synced:
-            self._sync_weights()
-            self._synced = True
 
     def on_validation_start(self) -> None:
         self._ensure_synced()
@@ -285,9 +270,13 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
             weights_version=self.weights_version,
             prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
         )
-        made = self.experience.make(
-            batch, rollout_step, self.policy, self.reference, timings, self.critic
-        )
+        rollouts = self._generate_on_current_weights(batch, rollout_step, timings)
+        try:
+            made = self.experience.make(
+                batch, rollouts, self.policy, self.reference, timings, self.critic
+            )
+        except ServerFailure as exc:  # every rank raised it: nothing trained on this batch
+            self._stop_for_server_failure(f"scoring failed: {exc}")
         with timed(timings, "update"):
             steps, critic_steps = self._update(made)
         _, schedulers = self._optimizers_and_schedulers()
@@ -295,7 +284,7 @@ class ReinforcePP(HeldOutEvaluation, pl.LightningModule):
             scheduler.step()
         if steps:  # a critic warm-up iteration leaves the policy as it was: nothing to push
             with timed(timings, "weight_sync"):
-                self._sync_weights()
+                self._push_after_update()
         timings["step"] = time.perf_counter() - step_start
         metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
         metrics.update(update_metrics(critic_steps))

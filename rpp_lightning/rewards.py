@@ -1,8 +1,10 @@
 """The trainer's side of the reward contract: route samples to reward sources, combine by weight.
 
-Each source is a reward server (or replicas of one, load-balanced by gRPC's round_robin policy
-through `open_channel`). A sample goes to every source whose route matches its dataset row; its
-reward is the weighted sum over those sources, and each source's reward is kept for logging.
+Each source is a reward server or several replicas of one (`replicas.ReplicaSet`: a batch's
+chunks are spread over them, and a lost replica's chunks go to the others). A sample goes to
+every source whose route matches its dataset row; its reward is the weighted sum over those
+sources, and each source's reward is kept for logging. An answer that does not fit the request
+(other sample ids, a missing or non-finite score) is refused whole: nothing is trained on it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rpp_lightning.channels import open_channel, start_calls
+from rpp_lightning.channels import start_calls
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+from rpp_lightning.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError
 from rpp_lightning.serving import server_seconds
 
 _SERVICE = "rpp.v1.RewardService"
@@ -55,7 +58,9 @@ class RewardError(RuntimeError):
 class RewardClient:
     """Scores samples on every configured reward source."""
 
-    def __init__(self, sources: Sequence[RewardSource]) -> None:
+    def __init__(
+        self, sources: Sequence[RewardSource], policy: FailurePolicy | None = None
+    ) -> None:
         if not sources:
             raise ValueError("at least one reward source is required")
         names = [s.name for s in sources]
@@ -65,27 +70,30 @@ class RewardClient:
             if not source.addresses:
                 raise ValueError(f"reward source {source.name!r} has no addresses")
         self.sources = list(sources)
-        self._configs = self.sources  # each source is its own ChannelConfig
-        self._channels = [open_channel(s, [_SERVICE]) for s in self.sources]
-        self._stubs = [reward_pb2_grpc.RewardServiceStub(ch) for ch in self._channels]
+        self._replicas = [
+            ReplicaSet(
+                f"reward source {s.name!r}", s, reward_pb2_grpc.RewardServiceStub, _SERVICE, policy
+            )
+            for s in self.sources
+        ]
+        self._chunks_sent = 0  # spreads chunks over replicas from call to call
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="reward")
         self.last_server_s = 0.0
         """Server-side seconds of the last `score` (its slowest parallel call)."""
 
     def info(self) -> list[reward_pb2.RewardServerInfo]:
+        """GetInfo of each source (from one of its replicas)."""
         return [
-            stub.GetInfo(reward_pb2.GetInfoRequest(), timeout=c.timeout_s, metadata=c.metadata())
-            for stub, c in zip(self._stubs, self._configs, strict=True)
+            replicas.call(
+                lambda stub, timeout, r=replicas: stub.GetInfo(
+                    reward_pb2.GetInfoRequest(), timeout=timeout, metadata=r.metadata
+                )
+            )
+            for replicas in self._replicas
         ]
 
-    def _routed(self, source: RewardSource, queries: Sequence[RewardQuery]) -> list[int]:
-        if source.route_column is None:
-            return list(range(len(queries)))
-        wanted = set(source.route_values)
-        return [i for i, q in enumerate(queries) if q.metadata.get(source.route_column) in wanted]
-
-    def _score_chunk(self, index: int, queries: Sequence[RewardQuery], rows: list[int]):
-        source, config, stub = self.sources[index], self._configs[index], self._stubs[index]
+    def _score_chunk(self, index: int, queries: Sequence[RewardQuery], rows: list[int], first):
+        source, replicas = self.sources[index], self._replicas[index]
         request = reward_pb2.ScoreRequest(
             samples=[
                 reward_pb2.Sample(
@@ -99,19 +107,32 @@ class RewardClient:
             ]
         )
         try:
-            reply, call = stub.Score.with_call(
-                request, timeout=config.timeout_s, metadata=config.metadata()
+            reply, call = replicas.call(
+                lambda stub, timeout: stub.Score.with_call(
+                    request, timeout=timeout, metadata=replicas.metadata
+                ),
+                first=first,
             )
-        except grpc.RpcError as exc:
+        except ServerUnavailableError as exc:
+            raise RewardError(str(exc)) from exc
+        except grpc.RpcError as exc:  # refused (bad request, auth...): retrying cannot help
             raise RewardError(
                 f"reward source {source.name!r} ({', '.join(source.addresses)}) failed: "
                 f"{exc.code().name}: {exc.details()}"
             ) from exc
-        if [s.id for s in reply.scores] != [str(r) for r in rows]:
-            raise RewardError(f"reward source {source.name!r} answered for the wrong sample ids")
+        ids = [s.id for s in reply.scores]
+        if ids != [str(r) for r in rows]:
+            raise RewardError(
+                f"reward source {source.name!r} answered {len(ids)} scores for sample ids "
+                f"{_preview(ids)}, asked for {len(rows)} with ids {_preview(rows)}; "
+                "nothing of this answer is used"
+            )
         for score in reply.scores:
             if not math.isfinite(score.reward):
-                raise RewardError(f"reward source {source.name!r} sent a non-finite reward")
+                raise RewardError(
+                    f"reward source {source.name!r} sent a non-finite reward ({score.reward}) "
+                    f"for sample {score.id}; nothing of this answer is used"
+                )
         return rows, reply.scores, server_seconds(call)
 
     def score(self, queries: Sequence[RewardQuery]) -> RewardBatch:
@@ -123,13 +144,16 @@ class RewardClient:
         routed_anywhere = [False] * n
         sources, thunks = [], []
         for index, source in enumerate(self.sources):
-            rows = self._routed(source, queries)
+            rows = routed(source, [q.metadata for q in queries])
             for row in rows:
                 routed_anywhere[row] = True
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows[start : start + _CHUNK]
                 sources.append(source)
-                thunks.append(functools.partial(self._score_chunk, index, queries, chunk))
+                self._chunks_sent += 1  # chunk k starts at replica k: spread over replicas
+                thunks.append(
+                    functools.partial(self._score_chunk, index, queries, chunk, self._chunks_sent)
+                )
         missing = [i for i, routed in enumerate(routed_anywhere) if not routed]
         if missing:
             raise ValueError(
@@ -159,5 +183,33 @@ class RewardClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for channel in self._channels:
-            channel.close()
+        for replicas in self._replicas:
+            replicas.close()
+
+
+def routed(source: RewardSource, metadata: Sequence[dict[str, str]]) -> list[int]:
+    """Indexes of the samples (by their dataset row's extra columns) that go to `source`."""
+    if source.route_column is None:
+        return list(range(len(metadata)))
+    wanted = set(source.route_values)
+    return [i for i, row in enumerate(metadata) if row.get(source.route_column) in wanted]
+
+
+def check_routes(sources: Sequence[RewardSource], rows: Sequence, where: str) -> None:
+    """Refuse dataset rows (PromptRow) that no reward source's route takes, naming the first."""
+    metadata = [row.metadata for row in rows]
+    taken = set()
+    for source in sources:
+        taken.update(routed(source, metadata))
+    missing = [i for i in range(len(rows)) if i not in taken]
+    if missing:
+        routes = {s.name: (s.route_column, s.route_values) for s in sources}
+        raise ValueError(
+            f"{where}: {len(missing)} rows match no reward source (first: row {missing[0]}, "
+            f"columns {rows[missing[0]].metadata}); routes (column, values): {routes}"
+        )
+
+
+def _preview(ids: Sequence, limit: int = 4) -> str:
+    shown = ", ".join(str(i) for i in list(ids)[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}]"

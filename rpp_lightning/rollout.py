@@ -22,6 +22,7 @@ from rpp_lightning.config import AlgorithmConfig, RolloutConfig
 from rpp_lightning.critic import experience_values
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.faults import ServerFailure, any_rank, describe
 from rpp_lightning.metrics import timed
 from rpp_lightning.policy import experience_log_probs, response_log_probs
 from rpp_lightning.rewards import RewardBatch
@@ -71,16 +72,17 @@ class ExperienceMaker:
     def make(
         self,
         rows: list[PromptRow],
-        step: RolloutStep,
+        rollouts: list,
         policy: nn.Module,
-        reference: nn.Module,
+        reference: nn.Module | None,
         timings: dict[str, float],
         critic: nn.Module | None = None,
     ) -> IterationExperience:
-        """Every rank of the data-parallel group calls this (log-probs and normalisation are
-        collective under FSDP2). Phase times land in `timings`. `critic` (ppo only) gives the
-        values next to the log-probs."""
-        rollouts = self._generate(rows, step, timings)
+        """Score `rollouts` (from `generate`) and compute what the update needs. Every rank of
+        the data-parallel group calls this (log-probs and normalisation are collective under
+        FSDP2). Phase times land in `timings`. `critic` (ppo only) gives the values next to the
+        log-probs. A reward call that failed past the failure policy raises ServerFailure on
+        every rank alike, before anything is trained on this batch."""
         scoring = self._start_scoring(rows, rollouts, timings)
         sequences, attention_mask, action_mask = pack_rollouts(
             [row.prompt_ids for row in rows],
@@ -107,12 +109,18 @@ class ExperienceMaker:
                 exp.old_log_probs, entropy = experience_log_probs(
                     policy, exp, size, True, temperature
                 )
-            exp.ref_log_probs, _ = experience_log_probs(reference, exp, size, False, temperature)
+            if reference is not None:  # None when kl_coef is 0: there is no KL term
+                exp.ref_log_probs, _ = experience_log_probs(
+                    reference, exp, size, False, temperature
+                )
         if critic is not None:
             with timed(timings, "values"):
                 exp.values = experience_values(critic, exp, size)
         with timed(timings, "score_wait"):
-            reward_batch = scoring.result()
+            error = scoring.exception()
+        if any_rank(error is not None, device):  # agreed before the next collective
+            raise ServerFailure(describe(error) if error else "another rank's reward call failed")
+        reward_batch = scoring.result()
         cfg, group = self.algorithm, data_parallel_group()
         # on the device: batch and running normalisation all-reduce it, and NCCL takes no CPU
         # tensors
@@ -128,7 +136,10 @@ class ExperienceMaker:
         """Fill exp.advantages and exp.returns from the normalised, unclipped `rewards` (N,) with
         the configured estimator (algorithm.md §2-4); return the statistics before whitening."""
         cfg = self.algorithm
-        kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
+        if exp.ref_log_probs is None:  # kl_coef 0: no reference model
+            kl = torch.zeros_like(exp.old_log_probs)
+        else:
+            kl = A.kl_estimate(exp.old_log_probs, exp.ref_log_probs, "k1")  # (N, R)
         out = A.compute_advantages(
             self.estimator.name,
             rewards,
@@ -152,7 +163,8 @@ class ExperienceMaker:
             self._scoring.shutdown(wait=False, cancel_futures=True)
             self._scoring = None
 
-    def _generate(self, rows: list[PromptRow], step: RolloutStep, timings) -> list:
+    def generate(self, rows: list[PromptRow], step: RolloutStep, timings) -> list:
+        """This rank's rollouts of `rows` from the generation servers (at step's version)."""
         with timed(timings, "generate"):
             rollouts = self.servers.generation.generate(
                 [row.prompt_ids for row in rows],

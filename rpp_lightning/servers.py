@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
 from rpp_lightning.local_servers import ChildServer, generation_server_argv, reward_server_argv
+from rpp_lightning.replicas import FailurePolicy
 from rpp_lightning.rewards import RewardBatch, RewardClient, RewardQuery
 
 log = logging.getLogger("rpp.servers")
@@ -25,10 +26,15 @@ class TrainerServers:
     """Owns the tokenizer, the clients, and any child servers of one training run."""
 
     def __init__(
-        self, policy: PolicyConfig, generation: GenerationEndpoint, rewards: list[RewardSource]
+        self,
+        policy: PolicyConfig,
+        generation: GenerationEndpoint,
+        rewards: list[RewardSource],
+        failure_policy: FailurePolicy | None = None,
     ) -> None:
         if not rewards:
             raise ValueError("at least one reward source is required")
+        self.failure_policy = failure_policy or FailurePolicy()
         self.policy_config = policy
         self.generation_endpoint = generation
         self.reward_sources = list(rewards)
@@ -52,19 +58,21 @@ class TrainerServers:
         return self._tmp.name
 
     def _start_children(self) -> dict[str, list[str]]:
-        addresses: dict[str, list[str]] = {}
+        started: dict[str, ChildServer] = {}
         if self.generation_endpoint.local:
             argv = generation_server_argv(
                 self._generation_model_dir(), self.generation_endpoint.local_args
             )
-            self.children.append(ChildServer(argv, name="generation-server"))
-            addresses["generation"] = [self.children[-1].address]
+            started["generation"] = ChildServer(argv, name="generation-server", wait=False)
         for source in self.reward_sources:
             if source.local:
                 argv = reward_server_argv(source.local, source.local_args)
-                self.children.append(ChildServer(argv, name=f"reward-server:{source.name}"))
-                addresses[source.name] = [self.children[-1].address]
-        return addresses
+                name = f"reward-server:{source.name}"
+                started[source.name] = ChildServer(argv, name=name, wait=False)
+        self.children.extend(started.values())
+        for child in started.values():  # they start side by side; each is waited for here
+            child.wait_ready()
+        return {name: [child.address] for name, child in started.items()}
 
     def start(self, strategy) -> None:
         """Start local servers on rank 0, share their addresses, connect every rank's clients."""
@@ -104,10 +112,13 @@ class TrainerServers:
             raise ValueError("generation.addresses is empty and generation.local is false")
         endpoint = self.generation_endpoint
         self.generation = GenerationClient(
-            endpoint.addresses, channel=endpoint, timeout_s=endpoint.timeout_s
+            endpoint.addresses,
+            channel=endpoint,
+            timeout_s=endpoint.timeout_s,
+            policy=self.failure_policy,
         )
         self.generation.wait_until_ready(timeout_s=300)
-        self.rewards = RewardClient(self.reward_sources)
+        self.rewards = RewardClient(self.reward_sources, self.failure_policy)
         # With a verifier among the sources an empty response counts as a wrong answer in the
         # accuracy; without one, accuracy is undefined and is not logged.
         self.has_verifier = any(info.kind == "verifier" for info in self.rewards.info())

@@ -207,7 +207,7 @@ def micro_batch_loss(
         "approx_kl": out.approx_kl,
         "ratio": out.ratio_mean,
     }
-    if estimator.kl_loss_estimator is not None:
+    if estimator.kl_loss_estimator is not None and micro.ref_log_probs is not None:
         kl_term = A.kl_loss(
             log_probs,
             micro.ref_log_probs,

@@ -24,6 +24,7 @@ from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.generation.transformers_backend import TransformersBackend
 from rpp_lightning.generation.weights import WeightsAssembler, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
+from rpp_lightning.replicas import FailurePolicy
 from rpp_lightning.serving import StatusError
 
 PROMPTS = [[1, 30, 31, 32], [1, 70, 71]]
@@ -337,5 +338,11 @@ def test_two_replicas_versions_and_failover(tiny_lm_path, new_weights) -> None:
             assert [r.token_ids for r in client.generate(prompts[:2], GREEDY)] == [
                 r.token_ids for r in GenerationClient([a.address]).generate(prompts[:2], GREEDY)
             ]
-            with pytest.raises(WeightSyncError, match=f"{dead}: UNAVAILABLE"):
-                client.push_weights(state, version=2)
+            client.push_weights(state, version=2)  # a takes it; the dead one is out of service
+            with GenerationClient([a.address]) as only_a:
+                assert [i.weights_version for i in only_a.server_info()] == [2]
+            assert not client.replicas.in_service(0)
+        brief = FailurePolicy(retry_budget_s=0.5, initial_backoff_s=0.1, max_backoff_s=0.2)
+        client = GenerationClient([dead], policy=brief)  # no replica takes it: an error
+        with client, pytest.raises(WeightSyncError, match=f"no replica:\n  {dead}: .*UNAVAIL"):
+            client.push_weights(state, version=3)

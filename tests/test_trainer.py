@@ -50,11 +50,24 @@ def run_ok(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
     return result
 
 
-def train(cwd: Path, *overrides: str, devices: int = 1) -> Path:
+def launcher_argv(launcher: str | None, devices: int) -> list[str]:
+    """How `rpp-train` is started: Lightning launches the ranks itself (None), or `torchrun` or
+    Lightning's `fabric run` start them and the trainer joins them."""
+    port = str(free_port())  # not the default 29500, which another run may hold
+    return {
+        None: [sys.executable, "-m", "rpp_lightning.cli"],
+        "torchrun": ["torchrun", "--nproc_per_node", str(devices), "--master_port", port,
+                     "-m", "rpp_lightning.cli"],
+        "fabric-run": ["fabric", "run", "--accelerator", "cpu", "--devices", str(devices),
+                       "--main-port", port, str(ROOT / "rpp_lightning" / "cli.py")],
+    }[launcher]  # fmt: skip
+
+
+def train(cwd: Path, *overrides: str, devices: int = 1, launcher: str | None = None) -> Path:
     """Run `rpp-train fit` on configs/tiny.yaml in `cwd`; return the CSV log directory."""
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "rpp_lightning.cli",
+        *launcher_argv(launcher, devices),
         *fit_args(
             "--trainer.enable_progress_bar", "false",
             "--trainer.devices", str(devices),
@@ -194,9 +207,9 @@ def test_trains_pushes_versions_and_resumes(servers, tmp_path) -> None:
         assert [r[key] for r in straight[2:]] == expected, key
 
 
-def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
-    """Same prompts and rollouts, one update: FSDP2 over 2 gloo ranks == one process; with
-    FSDP2's bf16 mixed precision, the same update up to bf16 rounding."""
+def test_fsdp2_mixed_precision_matches_single_process(servers, tmp_path) -> None:
+    """Same prompts and rollouts, one update: with FSDP2's bf16 mixed precision on 2 gloo ranks,
+    the update of one fp32 process up to bf16 rounding."""
     common = [
         "--model.rollout.max_iterations", "1",
         "--model.rollout.temperature", "1",  # seeded per global prompt index: rank-independent
@@ -204,21 +217,12 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
         "--trainer.val_check_interval", "null",
         "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
-    # the same 4 prompts × 2 samples: one process, or 2 prompts on each of 2 ranks. The ranks
-    # update in one micro-batch each, so they keep log π_old's forward for the update
-    # (update.single_forward_update) while the one process runs two micro-batches: both paths
-    # must give the same update
+    # the same 4 prompts × 2 samples: one process, or 2 prompts on each of 2 ranks (that the
+    # fp32 update on 2 ranks equals one process's, policy and critic, is the PPO test's)
     single = train(tmp_path / "single", *remote(servers, *common, *batches(4, 8, 4)))
-    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 4)), devices=2)
     initial = load_weights(servers["model"])
-    a, b = load_weights(single / "hf_export"), load_weights(sharded / "hf_export")
-    moved = 0.0
-    for name in initial:
-        delta_single, delta_sharded = a[name] - initial[name], b[name] - initial[name]
-        torch.testing.assert_close(delta_sharded, delta_single, atol=2e-6, rtol=1e-3, msg=name)
-        moved = max(moved, delta_single.abs().max().item())
-    assert moved > 1e-4, "the update did not move the weights: the comparison would be vacuous"
-    assert read_metrics(single)[0]["reward"] == pytest.approx(read_metrics(sharded)[0]["reward"])
+    a = load_weights(single / "hf_export")
+    assert max((a[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # it moved
 
     # FSDP2's mixed precision (the CUDA default; forced on here): bf16 compute, fp32 master
     # weights and gradient reduction. The same rollouts; the same update up to bf16 rounding.
@@ -233,7 +237,7 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
     delta_mixed = torch.cat([(c[k] - initial[k]).flatten() for k in initial])
     cosine = torch.nn.functional.cosine_similarity(delta, delta_mixed, dim=0).item()
     assert cosine > 0.99 and 0.95 < (delta_mixed.norm() / delta.norm()).item() < 1.05
-    fp32_row, mixed_row = read_metrics(sharded)[0], read_metrics(mixed)[0]
+    fp32_row, mixed_row = read_metrics(single)[0], read_metrics(mixed)[0]
     assert mixed_row["reward"] == pytest.approx(fp32_row["reward"])
     # bf16 did run: the trainer's log-probs drift from the (fp32) server's by bf16 rounding
     # (measured: 4.5e-4 vs 1.7e-7 a token)
@@ -242,13 +246,19 @@ def test_fsdp2_two_processes_match_single_process(servers, tmp_path) -> None:
 
 def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) -> None:
     """2 gloo ranks: the sharded checkpoint (torch.distributed.checkpoint) holds the policy and
-    its optimizer state, not the frozen reference; a resumed run equals an uninterrupted one."""
+    its optimizer state, not the frozen reference; a resumed run equals an uninterrupted one,
+    whichever launcher started the ranks."""
     from torch.distributed.checkpoint import FileSystemReader
 
     common = [*batches(2, 4, 2), "--trainer.val_check_interval", "null",
               "--trainer.limit_val_batches", "0", "--model.export_dir", "null"]  # fmt: skip
     four = ["--model.rollout.max_iterations", "4"]
-    first = train(tmp_path, *remote(servers, *common, *four, "--trainer.max_steps", "2"), devices=2)
+    # the ranks of the first run are started by `fabric run`, of the uninterrupted one by
+    # `torchrun`, of the resumed one by Lightning: three launchers, one computation
+    first = train(
+        tmp_path, *remote(servers, *common, *four, "--trainer.max_steps", "2"), devices=2,
+        launcher="fabric-run",
+    )  # fmt: skip
     ckpt = first / "checkpoints" / "last.ckpt"
     keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     assert any(k.startswith("state_dict.policy.") for k in keys)
@@ -259,7 +269,9 @@ def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) ->
     assert [int(r["step"]) for r in resumed] == [2, 3]
     assert int(resumed[0]["weights_version"]) > int(read_metrics(first)[-1]["weights_version"])
     straight = read_metrics(
-        train(tmp_path / "straight", *remote(servers, *common, *four), devices=2)
+        train(
+            tmp_path / "straight", *remote(servers, *common, *four), devices=2, launcher="torchrun"
+        )
     )
     assert any(r["grad_norm"] > 0 for r in straight[2:]), "no update: the comparison is vacuous"
     for key in ("reward", "response_length", "policy_loss", "grad_norm", "kl"):
@@ -276,7 +288,10 @@ def test_ppo_on_two_fsdp2_ranks_matches_one_process(servers, tmp_path) -> None:
         "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
     single = train(tmp_path / "single", *remote(servers, *common, *batches(4, 8, 4)))
-    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 2)), devices=2)
+    # the ranks update in one micro-batch each, so they keep log π_old's forward for the update
+    # (update.single_forward_update) while the one process runs two micro-batches: both paths
+    # must give the same update
+    sharded = train(tmp_path / "sharded", *remote(servers, *common, *batches(2, 4, 4)), devices=2)
     one, two = read_metrics(single)[0], read_metrics(sharded)[0]
     for key in ("reward", "critic/values", "critic/value_loss", "policy_loss", "kl"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
@@ -295,31 +310,6 @@ def test_ppo_on_two_fsdp2_ranks_matches_one_process(servers, tmp_path) -> None:
     decoder = {k: v for k, v in critic_one.items() if not k.startswith("critic.value_head")}
     moved = max((v - initial[k.removeprefix("critic.")]).abs().max() for k, v in decoder.items())
     assert moved > 1e-4, "the critic's update did not move it: the comparison would be vacuous"
-
-
-@pytest.mark.parametrize("launcher", ["torchrun", "fabric-run"])
-def test_external_launchers_run_the_same_code(servers, tmp_path, launcher) -> None:
-    """`torchrun` and Lightning's `fabric run` start the ranks; the trainer joins them."""
-    port = str(free_port())  # not the default 29500, which another run may hold
-    command = {
-        "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port,
-                     "-m", "rpp_lightning.cli"],
-        "fabric-run": ["fabric", "run", "--accelerator", "cpu", "--devices", "2",
-                       "--main-port", port, str(ROOT / "rpp_lightning" / "cli.py")],
-    }[launcher]  # fmt: skip
-    argv = [
-        *command,
-        *fit_args(
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-            *remote(servers, "--model.rollout.max_iterations", "1", "--model.export_dir", "null"),
-        ),
-    ]  # fmt: skip
-    run_ok(argv, tmp_path)
-    (log_dir,) = (tmp_path / "runs" / "tiny" / "csv").iterdir()
-    (row,) = read_metrics(log_dir)
-    assert math.isfinite(row["policy_loss"])
-    assert served_version(servers["generation"]) == int(row["weights_version"])
 
 
 def test_two_nodes_on_one_machine(servers, tmp_path) -> None:
@@ -445,11 +435,13 @@ def test_export_on_request_with_sigusr1(servers, tmp_path) -> None:
     assert exported.keys() == load_weights(servers["model"]).keys()
 
 
-def test_mixed_precision_without_fsdp2_is_refused(servers, tmp_path) -> None:
-    argv = [
-        sys.executable, "-m", "rpp_lightning.cli",
-        *fit_args(*remote(servers, "--model.policy.mixed_precision", "true")),
-    ]  # fmt: skip
-    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "policy.mixed_precision is FSDP2's: add --trainer.strategy fsdp2" in result.stderr
+def test_mixed_precision_without_fsdp2_is_refused(servers, tmp_path, monkeypatch) -> None:
+    from rpp_lightning.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(*remote(servers, "--model.policy.mixed_precision", "true"))[1:]
+    module = cli_main(args, run=False).model
+    with pytest.raises(
+        ValueError, match=r"policy\.mixed_precision is FSDP2's: add --trainer\.strategy fsdp2"
+    ):
+        module.configure_model()

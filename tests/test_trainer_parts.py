@@ -31,12 +31,12 @@ def test_every_config_parses_against_the_code(config, capsys) -> None:
     assert "advantage_estimator" in capsys.readouterr().out
 
 
-def _module(tmp_path, monkeypatch, estimator: str):
+def _module(tmp_path, monkeypatch, estimator: str, kl_coef: float = 0.1):
     monkeypatch.chdir(tmp_path)
     args = [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--model.algorithm.advantage_estimator", estimator,
-        "--model.algorithm.kl_coef", "0.1",
+        "--model.algorithm.kl_coef", str(kl_coef),
         "--model.policy.tokenizer", TOKENIZER,
     ]  # fmt: skip
     return cli_main(args, run=False).model
@@ -216,6 +216,39 @@ def test_critic_is_built_for_ppo_only_from_the_policys_weights(tmp_path, monkeyp
     assert policy.keys() == critic.keys()
     assert all(torch.equal(policy[k], critic[k]) for k in policy)
     assert 0 < module.critic.value_head.weight.abs().max() < 1
+
+
+def test_kl_coef_zero_loads_and_runs_no_reference_model(tmp_path, monkeypatch) -> None:
+    from rpp_lightning.generation.client import Rollout
+    from rpp_lightning.metrics import rollout_metrics
+    from rpp_lightning.rewards import RewardBatch
+
+    with_kl = _module(tmp_path, monkeypatch, "grpo")
+    with_kl.configure_model()
+    assert with_kl.reference is not None
+    module = _module(tmp_path, monkeypatch, "grpo", kl_coef=0.0)
+    module.configure_model()
+    assert module.reference is None  # nothing loaded, nothing run
+    # without log π_ref: the advantages of a KL-free run, no KL loss term, no KL metric
+    exp, expected = _experience(), _experience()
+    exp.ref_log_probs = None
+    module.experience.advantages(exp, exp.rewards)
+    module.experience.advantages(expected, expected.rewards)  # kl_coef 0: the KL weighs nothing
+    torch.testing.assert_close(exp.advantages, expected.advantages)
+    tokens = exp.action_mask.sum().float()
+    _, stats = micro_batch_loss(module.policy, exp, tokens, module.algorithm, module.estimator)
+    assert "kl_loss" not in stats
+    _, stats = micro_batch_loss(
+        with_kl.policy, expected, tokens, with_kl.algorithm, with_kl.estimator
+    )
+    assert "kl_loss" in stats
+    lengths = exp.action_mask.sum(1).tolist()
+    rollouts = [
+        Rollout(i, 0, [1] * int(n), [0.0] * int(n), "stop", 3) for i, n in enumerate(lengths)
+    ]
+    rewards = RewardBatch(exp.rewards.tolist(), {}, [None] * 4, [{}] * 4)
+    assert rollout_metrics(exp, rollouts, rewards, 8)["kl"] is None
+    assert rollout_metrics(expected, rollouts, rewards, 8)["kl"] > 0
 
 
 def test_critic_value_loss_on_a_fixed_batch_falls(tmp_path, monkeypatch) -> None:

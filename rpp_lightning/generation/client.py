@@ -12,9 +12,13 @@ of a request with `seed + i` (see `backend.row_seed`), so every prompt's tokens 
 seed and its index in the call, not on the number of replicas or on which one serves it (a retry
 on another replica returns the same tokens).
 
-Retries: UNAVAILABLE (a replica restarting, draining or unreachable) is retried with exponential
-backoff on the next replica, within the call's deadline. Nothing else is retried: INVALID_ARGUMENT
-would fail again, and a stale version is the caller's to handle.
+Faults (`replicas.ReplicaSet`): a piece whose replica is lost, hung or overloaded goes to the next
+replica, with backoff once none is left, within the failure policy's retry budget. A replica that
+serves another weights version than the call requires (one restarted at version 0) refuses before
+generating; its pieces go to the replicas that serve the right version, and it is out of service
+until a push reaches it. When every replica refused, StaleWeightsError tells the trainer to push.
+A push reaches every replica it can: the ones it cannot reach are out of service until one does,
+and the push fails only when no replica took it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import functools
 import itertools
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,11 +35,12 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from rpp_lightning.channels import ChannelConfig, open_channel, start_calls, wait_until_serving
+from rpp_lightning.channels import ChannelConfig, start_calls, wait_until_serving
 from rpp_lightning.generation.backend import mix_seed
 from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
+from rpp_lightning.replicas import FailurePolicy, ReplicaSet
 from rpp_lightning.serving import server_seconds
 
 log = logging.getLogger("rpp.generation.client")
@@ -97,6 +101,7 @@ class GenerationClient:
         channel: ChannelConfig | None = None,
         timeout_s: float = 600.0,
         max_prompts_per_call: int = 64,
+        policy: FailurePolicy | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("GenerationClient needs at least one server address")
@@ -106,16 +111,17 @@ class GenerationClient:
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self.max_prompts_per_call = max_prompts_per_call
-        # gRPC-level retries off: this client retries itself, moving to the next replica.
-        self._configs = [
-            dataclasses.replace(base, addresses=[a], retries=0) for a in self.addresses
-        ]
-        self._attempts = base.retries + 1
-        self._metadata = base.metadata()
+        self._configs = [dataclasses.replace(base, addresses=[a]) for a in self.addresses]
+        self.replicas = ReplicaSet(
+            "generation",
+            dataclasses.replace(base, addresses=self.addresses, timeout_s=timeout_s),
+            generation_pb2_grpc.GenerationServiceStub,
+            SERVICE_NAME,
+            policy,
+        )
+        self._metadata = self.replicas.metadata
         self.last_server_s = 0.0
         """Server-side seconds of the last `generate` (its slowest parallel call)."""
-        self._channels = [open_channel(c, [SERVICE_NAME]) for c in self._configs]
-        self._stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.addresses)))
         self._version: int | None = None
 
@@ -130,8 +136,7 @@ class GenerationClient:
     def close(self) -> None:
         """Close every channel and the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for channel in self._channels:
-            channel.close()
+        self.replicas.close()
 
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
         """Block until every replica reports SERVING, then read (and cross-check) the version."""
@@ -152,17 +157,16 @@ class GenerationClient:
 
     def server_info(self) -> list[pb.GenerationServerInfo]:
         """GetInfo of every replica, in address order."""
-        deadline = time.monotonic() + min(self.timeout_s, 60.0)
         request = pb.GenerationInfoRequest()
 
         def get_info(stub, timeout: float) -> pb.GenerationServerInfo:
-            return stub.GetInfo(request, timeout=timeout, metadata=self._metadata)
+            return stub.GetInfo(request, timeout=min(timeout, 60.0), metadata=self._metadata)
 
         calls = start_calls(
             self._pool,
             [
-                functools.partial(self._with_retries, i, deadline, get_info)
-                for i in range(len(self._stubs))
+                functools.partial(self.replicas.call, get_info, replicas=[i])
+                for i in range(len(self.replicas))
             ],
         )
         return [call.result() for call in calls]
@@ -188,7 +192,6 @@ class GenerationClient:
             return []
         expected = self._version if expected_version is None else expected_version
         base = mix_seed(sampling.seed) if sampling.seed is not None else secrets.randbits(63)
-        deadline = time.monotonic() + self.timeout_s
         pieces = self._split(len(prompts))
         thunks = []
         for number, (start, stop) in enumerate(pieces):
@@ -199,12 +202,12 @@ class GenerationClient:
             )
             thunks.append(
                 functools.partial(
-                    self._with_retries,
-                    number % len(self._stubs),
-                    deadline,
+                    self.replicas.call,
                     lambda stub, t, r=request: stub.Generate.with_call(
                         r, timeout=t, metadata=self._metadata
                     ),
+                    first=number,
+                    refuse=_stale_refusal,
                 )
             )
         calls = start_calls(self._pool, thunks)
@@ -224,29 +227,9 @@ class GenerationClient:
 
     def _split(self, count: int) -> list[tuple[int, int]]:
         """Contiguous [start, stop) pieces: at least one per replica, at most max per call."""
-        pieces = max(-(-count // self.max_prompts_per_call), min(len(self._stubs), count))
+        pieces = max(-(-count // self.max_prompts_per_call), min(len(self.replicas), count))
         bounds = [count * k // pieces for k in range(pieces + 1)]
         return list(itertools.pairwise(bounds))
-
-    def _with_retries(self, replica: int, deadline: float, call: Callable):
-        """Run `call(stub, timeout)`, retrying UNAVAILABLE on the next replicas with backoff."""
-        for attempt in range(self._attempts):
-            remaining = deadline - time.monotonic()
-            stub = self._stubs[(replica + attempt) % len(self._stubs)]
-            try:
-                return call(stub, max(remaining, 0.001))
-            except grpc.RpcError as exc:
-                retryable = exc.code() == grpc.StatusCode.UNAVAILABLE
-                backoff = min(0.2 * 2**attempt, 5.0)
-                last = attempt + 1 == self._attempts
-                if not retryable or last or time.monotonic() + backoff >= deadline:
-                    raise
-                address = self.addresses[(replica + attempt) % len(self.addresses)]
-                log.warning(
-                    "%s unavailable (%s); retrying in %.1fs", address, exc.details(), backoff
-                )
-                time.sleep(backoff)
-        raise AssertionError("unreachable")
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -278,46 +261,57 @@ class GenerationClient:
         self._push(lambda: iter(directory_update_requests(path, version)), version)
 
     def _push(self, stream: Callable[[], Iterator[pb.UpdateWeightsRequest]], version: int) -> None:
-        deadline = time.monotonic() + self.timeout_s
         calls = start_calls(
             self._pool,
             [
-                functools.partial(self._push_one, i, stream, version, deadline)
-                for i in range(len(self._stubs))
+                functools.partial(self._push_one, i, stream, version)
+                for i in range(len(self.replicas))
             ],
         )
         failures = []
-        for address, call in zip(self.addresses, calls, strict=True):
+        for index, (address, call) in enumerate(zip(self.addresses, calls, strict=True)):
             try:
                 call.result()
-            except grpc.RpcError as exc:
-                failures.append(f"{address}: {exc.code().name}: {exc.details()}")
-            except WeightSyncError as exc:
-                failures.append(f"{address}: {exc}")
-        if failures:
+                self.replicas.mark_serving(index)
+            except (grpc.RpcError, WeightSyncError, RuntimeError) as exc:
+                reason = f"{exc.code().name}: {exc.details()}" if _is_rpc(exc) else str(exc)
+                failures.append(f"{address}: {reason}")
+                self.replicas.mark_lost(index, f"missed weights version {version}: {reason}")
+        if len(failures) == len(self.replicas):
             raise WeightSyncError(
-                f"weights version {version} did not reach every replica:\n  "
-                + "\n  ".join(failures)
+                f"weights version {version} reached no replica:\n  " + "\n  ".join(failures)
             )
         self._version = version
 
-    def _push_one(self, replica: int, stream: Callable, version: int, deadline: float) -> None:
-        stub = self._stubs[replica]
-        for attempt in range(self._attempts):
-            remaining = max(deadline - time.monotonic(), 0.001)
-            try:
-                reply = stub.UpdateWeights(stream(), timeout=remaining, metadata=self._metadata)
-                if reply.weights_version != version:
-                    raise WeightSyncError(f"replica reports version {reply.weights_version}")
-                return
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self._attempts:
-                    raise
-                time.sleep(min(0.2 * 2**attempt, 5.0))
-                # The commit may have landed before the connection dropped: do not push twice.
+    def _push_one(self, replica: int, stream: Callable, version: int) -> None:
+        attempts = 0
+
+        def push(stub, timeout: float) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the commit may have landed before the connection dropped
                 info = stub.GetInfo(pb.GenerationInfoRequest(), timeout=10, metadata=self._metadata)
                 if info.weights_version == version:
                     return
+            reply = stub.UpdateWeights(stream(), timeout=timeout, metadata=self._metadata)
+            if reply.weights_version != version:
+                raise WeightSyncError(f"replica reports version {reply.weights_version}")
+
+        if self.replicas.in_service(replica):
+            self.replicas.call(push, replicas=[replica])
+        else:  # lost: one attempt, so a dead replica does not hold up every push
+            push(self.replicas.replicas[replica].stub, self.timeout_s)
+
+
+def _is_rpc(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code")
+
+
+def _stale_refusal(exc: grpc.RpcError) -> str | None:
+    """A replica that serves another weights version refuses the call (see module docstring)."""
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        return f"serves another weights version: {exc.details()}"
+    return None
 
 
 def _sampling_proto(sampling: SamplingConfig, seed: int) -> pb.SamplingParams:
