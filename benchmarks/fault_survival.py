@@ -54,20 +54,20 @@ EXIT_SERVER_FAILURE = 75
 REFUSED_OR_OK = ("OK", "RESOURCE_EXHAUSTED")
 
 
-def _server(argv: list[str], name: str):
+def _server(argv: list[str], name: str, wait: bool):
     from rpp_lightning.local_servers import ChildServer
 
-    return ChildServer([sys.executable, "-m", *argv], name=name, cwd=str(ROOT))
+    return ChildServer([sys.executable, "-m", *argv], name=name, cwd=str(ROOT), wait=wait)
 
 
-def math_server(port: int = 0, *extra: str):
+def math_server(port: int = 0, *extra: str, wait: bool = True):
     argv = ["reward_servers.cli", "math", "--port", str(port), "--verifier-args", "workers=1"]
-    return _server([*argv, *extra], "math")
+    return _server([*argv, *extra], "math", wait)
 
 
-def generation_server(model: Path, port: int = 0):
+def generation_server(model: Path, port: int = 0, wait: bool = True):
     argv = ["rpp_lightning.generation.cli", "--model", str(model), "--port", str(port)]
-    return _server(argv, "generation")
+    return _server(argv, "generation", wait)
 
 
 def _port(server) -> int:
@@ -197,9 +197,11 @@ def schedule(work: Path, iterations: int = 16, budget_s: float = 15.0) -> dict:
     # 0.8M parameters (tiny.yaml's is 40k): a checkpoint write then lasts long enough (~10 MB)
     # for segment 4 to see it in progress and kill the trainer during it
     model = save_tiny_causal_lm(work / "policy", hidden_size=128, num_layers=4)
-    generation = generation_server(model)
-    replica_a, replica_b = math_server(), math_server()
+    generation = generation_server(model, wait=False)  # the three start side by side
+    replica_a, replica_b = math_server(wait=False), math_server(wait=False)
     started = [generation, replica_a, replica_b]
+    for server in started:
+        server.wait_ready()
     addresses = {"generation": generation.address, "a": replica_a.address, "b": replica_b.address}
     segments, faults = [], []
 

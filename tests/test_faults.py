@@ -22,6 +22,7 @@ from test_trainer import served_version
 from rpp_lightning.config import RewardSource
 from rpp_lightning.faults import EXIT_SERVER_FAILURE
 from rpp_lightning.generation.client import GenerationClient, SamplingConfig, StaleWeightsError
+from rpp_lightning.local_servers import ChildServer
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.replicas import FailurePolicy
 from rpp_lightning.rewards import RewardClient, RewardError, RewardQuery
@@ -155,11 +156,14 @@ def test_restarted_generation_replica_is_refused_until_it_has_the_weights(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    def generation_server(port: int = 0) -> ServerProcess:
+    def generation_server(port: int = 0, wait: bool = True) -> ChildServer:
         argv = ["--model", str(tiny_lm_path), "--port", str(port)]
-        return ServerProcess(python_module("rpp_lightning.generation.cli", *argv))
+        module = python_module("rpp_lightning.generation.cli", *argv)
+        return ChildServer(module, name="generation", cwd=str(ROOT), wait=wait)
 
-    stays, restarts = generation_server(), generation_server()
+    stays, restarts = generation_server(wait=False), generation_server(wait=False)
+    stays.wait_ready()  # started side by side
+    restarts.wait_ready()
     port = int(restarts.address.rsplit(":", 1)[1])
     weights = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
     weights = {k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}
