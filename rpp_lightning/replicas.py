@@ -20,6 +20,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -75,6 +76,20 @@ class FailurePolicy:
         return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * 2**round_))
 
 
+_OPEN: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for replicas in list(_OPEN):
+        replicas.close()
+
+
+# At interpreter exit Python joins worker threads (a scoring call in flight) before it runs
+# atexit hooks; a call retrying against stopped servers would hold the exit for its whole
+# budget. threading's own exit hooks run first, the newest first: close every set there.
+getattr(threading, "_register_atexit", lambda _: None)(_close_all)
+
+
 class ServerUnavailableError(RuntimeError):
     """No replica of a service answered within the retry budget."""
 
@@ -105,11 +120,13 @@ class ReplicaSet:
         self.policy = policy or FailurePolicy()
         self.metadata = config.metadata()
         self._lock = threading.Lock()
+        self._closed = threading.Event()  # set by close(): calls stop retrying at once
         self.replicas: list[_Replica] = []
         for address in config.addresses:
             single = dataclasses.replace(config, addresses=[address])
             channel = open_channel(single, [service_name])
             self.replicas.append(_Replica(address, channel, stub_class(channel)))
+        _OPEN.add(self)
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -167,6 +184,8 @@ class ReplicaSet:
         refused: set[int] = set()
         refusal: grpc.RpcError | None = None
         while True:
+            if self._closed.is_set():
+                raise ServerUnavailableError(f"{self.name}: the client was closed ({last})")
             order = candidates[first % len(candidates) :] + candidates[: first % len(candidates)]
             usable = [i for i in order if i not in refused and self.in_service(i)]
             if not usable:  # every replica lost: try them all after the backoff
@@ -198,9 +217,11 @@ class ReplicaSet:
                     f"{self.name}: no replica of {', '.join(self.addresses)} answered within "
                     f"the retry budget ({self.policy.retry_budget_s:g} s); last: {last}"
                 )
-            time.sleep(wait)
+            self._closed.wait(wait)  # a close() (the run is stopping) ends the wait at once
             round_ += 1
 
     def close(self) -> None:
+        """Close every channel; calls in flight end, and none retries any more."""
+        self._closed.set()
         for replica in self.replicas:
             replica.channel.close()
