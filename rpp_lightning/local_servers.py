@@ -122,7 +122,10 @@ class ChildServer:
 @atexit.register
 def stop_all_children() -> None:
     """Stop every child server still running (also called on normal interpreter exit)."""
-    for child in list(_LIVE):
+    children = [child for child in list(_LIVE) if child.proc.poll() is None]
+    for child in children:  # all drain at once, not one after another
+        child.proc.send_signal(signal.SIGTERM)
+    for child in children:
         child.stop(timeout_s=10)
 
 

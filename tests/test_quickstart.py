@@ -9,6 +9,7 @@ Process trees are read from /proc (Linux), as `ps --ppid` would.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -35,8 +36,9 @@ def start_training(cwd: Path, config: str, *overrides: str) -> subprocess.Popen:
         *overrides,
     ]  # fmt: skip
     cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a hang can be made to show its stacks
     return subprocess.Popen(
-        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
 
 
@@ -119,7 +121,12 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(tmp_path, signum):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         tree.poll()  # the reward server's verifier workers too
         proc.send_signal(signum)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError(proc.stdout.read()[-8000:]) from None
         # SIGINT: Lightning's graceful shutdown and our atexit hook stop the servers. SIGKILL:
         # nothing runs in the trainer; the kernel's PR_SET_PDEATHSIG sends them SIGTERM.
         assert wait_for(lambda: not tree.survivors(), timeout_s=20), tree.survivors()
