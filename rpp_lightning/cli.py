@@ -12,7 +12,9 @@ docstrings, and `rpp-train fit --print_config` shows the resolved configuration.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 # Before torch loads OpenMP (it reads this once): after each parallel region libgomp's threads
 # spin for 300k iterations by default, holding cores that the generation and reward servers
@@ -29,6 +31,7 @@ from rpp_lightning.data import PromptDataModule
 from rpp_lightning.faults import EXIT_SERVER_FAILURE, TrainingInterrupted
 from rpp_lightning.module import ReinforcePP
 from rpp_lightning.progress import default_progress_bar
+from rpp_lightning.replicas import INTERRUPTED
 from rpp_lightning.strategy import register as register_strategies
 
 
@@ -77,7 +80,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RppCLI:
     )
 
 
+def _on_interrupt(signum, frame) -> None:
+    INTERRUPTED.set()  # retries stop too (replicas.py), whatever the call was doing
+    signal.default_int_handler(signum, frame)
+
+
 def main() -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
         cli_main()
     except TrainingInterrupted as exc:  # servers failed past the budget; a checkpoint is saved

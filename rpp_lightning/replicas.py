@@ -77,6 +77,9 @@ class FailurePolicy:
 
 
 _OPEN: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
+INTERRUPTED = threading.Event()
+"""Set by `rpp-train`'s SIGINT handler: a Ctrl-C that lands inside a gRPC call must stop the
+run, not turn into a failed attempt that is retried."""
 
 
 def _close_all() -> None:
@@ -184,6 +187,8 @@ class ReplicaSet:
         refused: set[int] = set()
         refusal: grpc.RpcError | None = None
         while True:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
             if self._closed.is_set():
                 raise ServerUnavailableError(f"{self.name}: the client was closed ({last})")
             order = candidates[first % len(candidates) :] + candidates[: first % len(candidates)]
@@ -195,6 +200,8 @@ class ReplicaSet:
                 try:
                     result = fn(replica.stub, self.config.timeout_s)
                 except grpc.RpcError as exc:
+                    if INTERRUPTED.is_set():
+                        raise KeyboardInterrupt from exc
                     reason = refuse(exc) if refuse is not None else None
                     if reason is not None:
                         refused.add(index)
