@@ -23,7 +23,7 @@ from typing import Any
 from reward_servers.base import Verifier
 from reward_servers.servicer import RequestLimits, RewardServicer
 from rpp_lightning.server_config import add_server_arguments, server_config_from_args
-from rpp_lightning.serving import GrpcServer, configure_logging
+from rpp_lightning.serving import GrpcServer, configure_logging, die_with_parent_if_asked
 
 BUILTIN = {
     "math": "reward_servers.math_verifier:MathVerifier",
@@ -127,6 +127,7 @@ def build_verifier(args: argparse.Namespace) -> Verifier:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent_if_asked()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:

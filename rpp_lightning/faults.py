@@ -23,11 +23,11 @@ import logging
 from pathlib import Path
 from typing import NoReturn
 
-import grpc
 import torch
 import torch.distributed as dist
 
 from rpp_lightning.checkpoints import save_atomically
+from rpp_lightning.replicas import describe
 from rpp_lightning.strategy import data_parallel_group
 
 log = logging.getLogger("rpp.faults")
@@ -52,13 +52,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, checkpoint: str) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an error: the gRPC status and details, or the exception."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _max_over_ranks(code: int, device: torch.device) -> int:

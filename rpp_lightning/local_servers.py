@@ -7,13 +7,12 @@ interrupted. Each child runs the same CLI a separate deployment would (`rpp-gene
 
 Children are tied to the parent three ways: explicit `stop()`, an `atexit` hook, and on Linux
 PR_SET_PDEATHSIG, which makes the kernel send SIGTERM to a child if its parent dies even by
-SIGKILL.
+SIGKILL (the child asks for it at start: `serving.die_with_parent_if_asked`).
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import re
@@ -24,16 +23,11 @@ import threading
 import weakref
 from collections.abc import Sequence
 
+from rpp_lightning.serving import PARENT_PID_ENV
+
 log = logging.getLogger("rpp.local_servers")
 _LISTENING = re.compile(r"listening on (\S+)")
 _LIVE: weakref.WeakSet[ChildServer] = weakref.WeakSet()
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class ChildServer:
@@ -63,10 +57,13 @@ class ChildServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # the server CLI sets PR_SET_PDEATHSIG itself (serving.die_with_parent_if_asked)
+            env={
+                **os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()),
+                **(env or {}),
+            },
             cwd=cwd,
-            preexec_fn=_die_with_parent,
-        )
+        )  # fmt: skip
         _LIVE.add(self)
         threading.Thread(target=self._pump, daemon=True, name=f"{name}-log").start()
         self._start_timeout_s = start_timeout_s

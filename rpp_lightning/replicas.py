@@ -93,6 +93,13 @@ def _close_all() -> None:
 getattr(threading, "_register_atexit", lambda _: None)(_close_all)
 
 
+def describe(exc: BaseException) -> str:
+    """One line for an error: the gRPC status and details, or the exception."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ServerUnavailableError(RuntimeError):
     """No replica of a service answered within the retry budget."""
 
@@ -207,7 +214,7 @@ class ReplicaSet:
                         refused.add(index)
                         refusal = exc
                     elif exc.code() in RETRYABLE:
-                        reason = f"{exc.code().name}: {exc.details()}"
+                        reason = describe(exc)
                     else:
                         raise
                     last = f"{replica.address}: {reason}"

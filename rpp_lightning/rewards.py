@@ -20,7 +20,7 @@ import grpc
 from rpp_lightning.channels import start_calls
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-from rpp_lightning.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError
+from rpp_lightning.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError, describe
 from rpp_lightning.serving import server_seconds
 
 _SERVICE = "rpp.v1.RewardService"
@@ -118,7 +118,7 @@ class RewardClient:
         except grpc.RpcError as exc:  # refused (bad request, auth...): retrying cannot help
             raise RewardError(
                 f"reward source {source.name!r} ({', '.join(source.addresses)}) failed: "
-                f"{exc.code().name}: {exc.details()}"
+                f"{describe(exc)}"
             ) from exc
         ids = [s.id for s in reply.scores]
         if ids != [str(r) for r in rows]:

@@ -22,9 +22,10 @@ from rpp_lightning.config import AlgorithmConfig, RolloutConfig
 from rpp_lightning.critic import experience_values
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
-from rpp_lightning.faults import ServerFailure, any_rank, describe
+from rpp_lightning.faults import ServerFailure, any_rank
 from rpp_lightning.metrics import timed
 from rpp_lightning.policy import experience_log_probs, response_log_probs
+from rpp_lightning.replicas import describe
 from rpp_lightning.rewards import RewardBatch
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group

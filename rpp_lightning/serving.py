@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,28 @@ def server_seconds(call: grpc.Call) -> float:
         if key == SERVER_TIME_KEY:
             return float(value) / 1000
     return 0.0
+
+
+PARENT_PID_ENV = "RPP_DIE_WITH_PARENT"
+"""Set by `local_servers.ChildServer` to its pid: the server asks to die with that process."""
+
+
+def die_with_parent_if_asked() -> None:
+    """Called first by every server CLI. Started by a ChildServer, the server asks the kernel
+    (Linux PR_SET_PDEATHSIG) for SIGTERM when the parent dies, even by SIGKILL.
+
+    Here rather than in a `preexec_fn`: a preexec_fn makes Python fork the parent, whose gRPC
+    threads and fork handlers then run in the child before exec (seen failing with epoll
+    errors); without one, the child is spawned clean."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StatusError(Exception):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from rpp_lightning.server_config import add_server_arguments, server_config_from_args
-from rpp_lightning.serving import GrpcServer, configure_logging
+from rpp_lightning.serving import GrpcServer, configure_logging, die_with_parent_if_asked
 
 log = logging.getLogger("rpp.generation")
 
@@ -77,6 +77,7 @@ def build_backend(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent_if_asked()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     from rpp_lightning.generation.server import GenerationLimits, GenerationServicer

@@ -40,7 +40,7 @@ from rpp_lightning.generation.backend import mix_seed
 from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
-from rpp_lightning.replicas import FailurePolicy, ReplicaSet
+from rpp_lightning.replicas import FailurePolicy, ReplicaSet, describe
 from rpp_lightning.serving import server_seconds
 
 log = logging.getLogger("rpp.generation.client")
@@ -273,8 +273,8 @@ class GenerationClient:
             try:
                 call.result()
                 self.replicas.mark_serving(index)
-            except (grpc.RpcError, WeightSyncError, RuntimeError) as exc:
-                reason = f"{exc.code().name}: {exc.details()}" if _is_rpc(exc) else str(exc)
+            except (grpc.RpcError, RuntimeError) as exc:  # RuntimeError: WeightSyncError, budget
+                reason = describe(exc)
                 failures.append(f"{address}: {reason}")
                 self.replicas.mark_lost(index, f"missed weights version {version}: {reason}")
         if len(failures) == len(self.replicas):
@@ -301,10 +301,6 @@ class GenerationClient:
             self.replicas.call(push, replicas=[replica])
         else:  # lost: one attempt, so a dead replica does not hold up every push
             push(self.replicas.replicas[replica].stub, self.timeout_s)
-
-
-def _is_rpc(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code")
 
 
 def _stale_refusal(exc: grpc.RpcError) -> str | None:
