@@ -146,6 +146,12 @@ class RolloutConfig:
     """Extra stop token ids (the tokenizer's EOS always stops)."""
     max_iterations: int = 100
     """Training iterations (rollout → update → weight push); also sets the LR schedule length."""
+    max_staleness: int = 0
+    """0: each iteration samples its rollouts from the current weights, then updates (the
+    synchronous loop). k ≥ 1: the rollouts of the next k iterations are sampled and scored while
+    the trainer updates, by weights at most k versions old; their PPO ratio uses the log-probs
+    of the weights that sampled them, recomputed by the trainer from a copy of each of the last
+    k versions (k extra copies of the policy's parameters). algorithm.md §9."""
 
     def sampling(self, seed: int) -> SamplingConfig:
         """The generation client's `SamplingConfig` for one iteration's rollouts."""
@@ -171,6 +177,8 @@ class RolloutConfig:
             problems.append(f"temperature must be > 0 (RL samples), got {self.temperature}")
         if self.max_iterations < 1:
             problems.append(f"max_iterations must be >= 1, got {self.max_iterations}")
+        if self.max_staleness < 0:
+            problems.append(f"max_staleness must be >= 0, got {self.max_staleness}")
         _raise_all("rollout", problems)
 
 

@@ -102,15 +102,25 @@ class ResumableSampler(Sampler[int]):
         return self.steps * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        step_size = self.batch_size * self.world_size
+        order = self._order(self.epoch)
         for step in range(self.skip_batches(), self.steps):
-            start = step * step_size + self.rank * self.batch_size
-            yield from order[start : start + self.batch_size]
+            yield from self._block(order, step)
+
+    def batch_at(self, iteration: int) -> list[int]:
+        """This rank's prompt indices of a run's `iteration` (counted over epochs, from 0): what
+        iterating would yield then. Asynchronous rollouts ask for batches ahead with it."""
+        epoch, step = divmod(iteration, self.steps)
+        return self._block(self._order(epoch), step)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _block(self, order: list[int], step: int) -> list[int]:
+        start = step * self.batch_size * self.world_size + self.rank * self.batch_size
+        return order[start : start + self.batch_size]
 
 
 def _check_rows(
@@ -173,6 +183,7 @@ class PromptDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.train_rows: list[PromptRow] = []
+        self._sampler: ResumableSampler | None = None  # the training dataloader's
         self.val_rows: list[PromptRow] = []
 
     def _tokenizer(self):
@@ -251,9 +262,16 @@ class PromptDataModule(pl.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
+    def train_batch(self, iteration: int) -> list[PromptRow]:
+        """This rank's prompt rows of the run's `iteration` (the training dataloader's batch
+        then), for the rollouts asked for ahead of it."""
+        if self._sampler is None:
+            raise RuntimeError("train_batch needs the training dataloader to exist")
+        return [self.train_rows[i] for i in self._sampler.batch_at(iteration)]
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = ResumableSampler(
+        sampler = self._sampler = ResumableSampler(
             len(self.train_rows),
             self.hparams.batch_size,
             rank,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,7 +36,7 @@ log = logging.getLogger("rpp.faults")
 EXIT_SERVER_FAILURE = 75
 """`rpp-train`'s exit status when servers failed past the budget (EX_TEMPFAIL: resume later)."""
 _MAX_PUSHES = 3  # pushes in a row that no replica kept before the run stops
-_OK, _STALE, _FAILED = 0, 1, 2
+_OK, _TOO_OLD, _STALE, _FAILED = 0, 1, 2, 3  # agreed by MAX over ranks: the worst wins
 
 
 class ServerFailure(RuntimeError):
@@ -104,22 +105,37 @@ class SurvivesServerFaults:
             self._sync_weights()
             self._synced = True
 
-    def _generate_on_current_weights(self, rows: list, step, timings: dict) -> list:
-        """This rank's rollouts, every one from the trainer's current weights."""
+    def _generate_on_current_weights(
+        self, rows: list, step, timings: dict, pending=None
+    ) -> tuple[list, Future | None]:
+        """This rank's rollouts, every one from the trainer's current weights, or, with
+        `pending` (a batch asked for ahead: pipeline.py), from weights at most max_staleness
+        versions old; and their scoring if it has started already."""
         from rpp_lightning.generation.client import StaleWeightsError
+        from rpp_lightning.pipeline import RolloutsTooOld  # pipeline → rollout → this module
 
         for pushes in range(_MAX_PUSHES + 1):
-            code, error = _OK, None
+            code, error, scoring = _OK, None, None
             try:
-                rollouts = self.experience.generate(rows, step, timings)
+                if pending is not None:
+                    taken, pending = pending, None
+                    rollouts, scoring = self.pipeline.wait(taken, self.weights_version)
+                else:
+                    rollouts = self.experience.generate(rows, step, timings)
+            except RolloutsTooOld as exc:
+                code, error = _TOO_OLD, exc
+                self.refused_rollouts += exc.refused
             except StaleWeightsError as exc:
                 code, error = _STALE, exc
             except Exception as exc:  # past the retry budget, or an answer that does not fit
                 code, error = _FAILED, exc
             code = _max_over_ranks(code, self.device)
             if code == _OK:
-                return rollouts
+                return rollouts, scoring
             reason = describe(error) if error is not None else "failed on another rank"
+            if code == _TOO_OLD:  # the servers may well serve the current weights: no push
+                log.warning("%s: generating the batch again on the current weights", reason)
+                continue
             if code == _FAILED or pushes == _MAX_PUSHES:
                 self._stop_for_server_failure(f"generation failed: {reason}")
             log.warning(

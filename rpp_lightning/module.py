@@ -38,6 +38,7 @@ from rpp_lightning.data import PromptDataModule, PromptRow
 from rpp_lightning.evaluation import HeldOutEvaluation
 from rpp_lightning.faults import ServerFailure, SurvivesServerFaults
 from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed, update_metrics
+from rpp_lightning.pipeline import OverlapsRollouts, RolloutPipeline
 from rpp_lightning.policy import (
     export_hf,
     full_state_dict,
@@ -46,7 +47,7 @@ from rpp_lightning.policy import (
 )
 from rpp_lightning.replicas import FailurePolicy
 from rpp_lightning.rewards import check_routes
-from rpp_lightning.rollout import ExperienceMaker, IterationExperience, RolloutStep
+from rpp_lightning.rollout import ExperienceMaker, IterationExperience
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group
 from rpp_lightning.update import (
@@ -71,7 +72,7 @@ for _intended in (
     warnings.filterwarnings("ignore", message=_intended)
 
 
-class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
+class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.LightningModule):
     """Trains a causal LM with REINFORCE++ against remote generation and reward servers."""
 
     def __init__(
@@ -143,6 +144,10 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
         self.experience = ExperienceMaker(
             self.servers, self.rollout, self.algorithm, self.estimator
         )
+        staleness = self.rollout.max_staleness
+        self.pipeline = RolloutPipeline(self.experience, staleness) if staleness else None
+        self.refused_rollouts = 0  # refused as too old in this iteration (pipeline.py)
+        self._background_timings: dict[str, float] = {}
         self.weights_version = 0  # version of the weights the generation servers serve
         self.iteration = 0
         self._synced = False
@@ -160,6 +165,11 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
         if isinstance(data, PromptDataModule):
             check_routes(self.servers.reward_sources, data.train_rows, data.hparams.train_path)
             check_routes(self.servers.reward_sources, data.val_rows, "held-out prompts")
+        elif self.pipeline is not None:
+            raise ValueError(
+                "rollout.max_staleness >= 1 asks for the batches of later iterations ahead, "
+                "which needs rpp_lightning.data.PromptDataModule as the datamodule"
+            )
         self.servers.start(self.trainer.strategy)
 
     def configure_model(self) -> None:
@@ -265,19 +275,18 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
             # the whole previous iteration, its logging and Lightning's loop included
             timings["previous_iteration"] = step_start - self._previous_step_start
         self._previous_step_start = step_start
-        rollout_step = RolloutStep(
-            seed=self.seed * 1_000_003 + self.iteration,
-            weights_version=self.weights_version,
-            prompt_offset=self.global_rank * len(batch),  # rank r holds the r-th block
-        )
-        rollouts = self._generate_on_current_weights(batch, rollout_step, timings)
+        rollouts, scoring = self._rollouts_for(batch, timings)
         try:
             made = self.experience.make(
-                batch, rollouts, self.policy, self.reference, timings, self.critic
-            )
+                batch, rollouts, self.policy, self.reference, timings, self.critic, scoring,
+                self.weights_version,
+            )  # fmt: skip
         except ServerFailure as exc:  # every rank raised it: nothing trained on this batch
             self._stop_for_server_failure(f"scoring failed: {exc}")
+        trained_by = self.weights_version  # the version the update starts from
         with timed(timings, "update"):
+            if not self._critic_warming_up():
+                self._keep_weights_before_update()
             steps, critic_steps = self._update(made)
         _, schedulers = self._optimizers_and_schedulers()
         for scheduler in schedulers:
@@ -285,9 +294,16 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
         if steps:  # a critic warm-up iteration leaves the policy as it was: nothing to push
             with timed(timings, "weight_sync"):
                 self._push_after_update()
-        timings["step"] = time.perf_counter() - step_start
+        self._forget_weights_out_of_reach()
+        step_end = time.perf_counter()
+        timings["step"] = step_end - step_start
+        timings["generation_idle"] = self.experience.generation_busy.idle_between(
+            step_start, step_end
+        )
+        overlap = self._overlap_metrics(rollouts, trained_by, timings)
         metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
         metrics.update(update_metrics(critic_steps))
+        metrics.update(overlap)
         metrics["weights_version"] = float(self.weights_version)
         metrics["lr"] = schedulers[0].get_last_lr()[0]
         self._log_metrics(metrics)
@@ -373,8 +389,12 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, pl.LightningModule):
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self._synced = False
+        # nothing was asked for ahead by this process, and batches asked for before the save
+        # are not in the checkpoint: the first iteration after a resume generates synchronously
 
     def teardown(self, stage: str) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.experience.close()
         self.servers.stop()
 

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from rpp_lightning import algorithms as A
+from rpp_lightning.behaviour import WeightSnapshots, agreed_ages, behaviour_log_probs
 from rpp_lightning.config import AlgorithmConfig, RolloutConfig
 from rpp_lightning.critic import experience_values
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience, pack_rollouts
 from rpp_lightning.faults import ServerFailure, any_rank
-from rpp_lightning.metrics import timed
+from rpp_lightning.metrics import BusyClock, timed
 from rpp_lightning.policy import experience_log_probs, response_log_probs
 from rpp_lightning.replicas import describe
 from rpp_lightning.rewards import RewardBatch
@@ -49,7 +50,8 @@ class RolloutStep:
     """Where one rank's iteration stands: what to sample with and which weights must serve it."""
 
     seed: int  # the sampling seed of the iteration
-    weights_version: int  # the servers must serve this version (else StaleWeightsError)
+    weights_version: int  # the servers must serve this version (else StaleWeightsError); with
+    # `at_least` in ExperienceMaker.generate (asynchronous rollouts), this one or a newer one
     prompt_offset: int  # this rank's first prompt in the global batch (seeds do not depend on
     # the number of ranks; see ResumableSampler)
 
@@ -69,6 +71,9 @@ class ExperienceMaker:
         self.estimator = estimator
         self.running_reward = A.RunningMeanStd()  # reward normalisation state (checkpointed)
         self._scoring: ThreadPoolExecutor | None = None
+        self.generation_busy = BusyClock()  # when generation calls were in flight
+        # the weights of the last max_staleness versions (behaviour.py); None: synchronous
+        self.snapshots = WeightSnapshots() if rollout.max_staleness else None
 
     def make(
         self,
@@ -78,13 +83,19 @@ class ExperienceMaker:
         reference: nn.Module | None,
         timings: dict[str, float],
         critic: nn.Module | None = None,
+        scoring: Future | None = None,
+        weights_version: int = 0,
     ) -> IterationExperience:
         """Score `rollouts` (from `generate`) and compute what the update needs. Every rank of
         the data-parallel group calls this (log-probs and normalisation are collective under
         FSDP2). Phase times land in `timings`. `critic` (ppo only) gives the values next to the
-        log-probs. A reward call that failed past the failure policy raises ServerFailure on
-        every rank alike, before anything is trained on this batch."""
-        scoring = self._start_scoring(rows, rollouts, timings)
+        log-probs. `scoring`: the rollouts' scoring, when it started already (a batch asked for
+        ahead). `weights_version`: the trainer's; log π_old is taken with the weights of each
+        rollout's own version (behaviour.py) when that is an older one. A reward call that
+        failed past the failure policy raises ServerFailure on every rank alike, before anything
+        is trained on this batch."""
+        if scoring is None:
+            scoring = self.start_scoring(rows, rollouts, timings)
         sequences, attention_mask, action_mask = pack_rollouts(
             [row.prompt_ids for row in rows],
             [r.token_ids for r in rollouts],
@@ -97,9 +108,24 @@ class ExperienceMaker:
         forward = None
         with timed(timings, "logprobs"):
             size = self.algorithm.micro_batch_size
-            # π_old's entropy comes with its forward at little cost: logged every step (§7)
             temperature = self.rollout.temperature  # the distribution the servers sampled
-            if single_forward_update(self.algorithm, len(exp)):
+
+            def old_log_probs(model: nn.Module, batch: Experience):
+                # π_old's entropy comes with its forward at little cost: logged every step (§7)
+                return experience_log_probs(model, batch, size, True, temperature)
+
+            ages, present = [0] * len(rollouts), [0]
+            if self.snapshots is not None:  # agreed by every rank: FSDP2 forwards are collective
+                versions = [r.weights_version for r in rollouts]
+                ages, present = agreed_ages(
+                    versions, weights_version, self.snapshots, self.rollout.max_staleness,
+                    data_parallel_group(), device,
+                )  # fmt: skip
+            if present != [0]:  # rollouts of older weights: π_old is the policy that sampled
+                exp.old_log_probs, entropy = behaviour_log_probs(
+                    policy, exp, ages, present, weights_version, self.snapshots, old_log_probs
+                )
+            elif single_forward_update(self.algorithm, len(exp)):
                 # the update will be one step on this very batch: its forward, graph kept, is
                 # log π_old too (update.single_forward_update)
                 forward = response_log_probs(
@@ -107,9 +133,7 @@ class ExperienceMaker:
                 )
                 exp.old_log_probs, entropy = (t.detach().float() for t in forward)
             else:
-                exp.old_log_probs, entropy = experience_log_probs(
-                    policy, exp, size, True, temperature
-                )
+                exp.old_log_probs, entropy = old_log_probs(policy, exp)
             if reference is not None:  # None when kl_coef is 0: there is no KL term
                 exp.ref_log_probs, _ = experience_log_probs(
                     reference, exp, size, False, temperature
@@ -164,20 +188,27 @@ class ExperienceMaker:
             self._scoring.shutdown(wait=False, cancel_futures=True)
             self._scoring = None
 
-    def generate(self, rows: list[PromptRow], step: RolloutStep, timings) -> list:
-        """This rank's rollouts of `rows` from the generation servers (at step's version)."""
-        with timed(timings, "generate"):
+    def generate(
+        self, rows: list[PromptRow], step: RolloutStep, timings, at_least: bool = False
+    ) -> list:
+        """This rank's rollouts of `rows` from the generation servers, at step's version (or,
+        `at_least`, at it or a newer one)."""
+        version = step.weights_version
+        with timed(timings, "generate"), self.generation_busy.busy():
             rollouts = self.servers.generation.generate(
                 [row.prompt_ids for row in rows],
                 self.rollout.sampling(step.seed),
-                expected_version=step.weights_version,
+                expected_version=None if at_least else version,
                 prompt_offset=step.prompt_offset,
+                min_version=version if at_least else None,
             )
         # server-side time: the rest of the wall time is transport
         timings["generate_server"] = self.servers.generation.last_server_s
         return rollouts
 
-    def _start_scoring(self, rows, rollouts, timings: dict[str, float]) -> Future:
+    def start_scoring(self, rows, rollouts, timings: dict[str, float]) -> Future:
+        """Score `rollouts` on the reward servers in the background (times land in `timings`)."""
+
         def score() -> RewardBatch:
             start = time.perf_counter()
             rewards = self.servers.score(rows, rollouts, self.rollout.n_samples)

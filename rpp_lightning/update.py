@@ -37,7 +37,9 @@ def single_forward_update(algorithm: AlgorithmConfig, rows: int) -> bool:
     """Whether the update of `rows` rollouts is one optimizer step on one micro-batch of them all
     (one epoch, mini- and micro-batch ≥ rows). Then π_θ at the update's forward is π_old, so the
     forward that gives log π_old can carry its graph into the update instead of being run twice
-    (what TRL does with one iteration per batch): the same numbers, one forward fewer."""
+    (what TRL does with one iteration per batch): the same numbers, one forward fewer. Only for
+    rollouts of the current weights: with older ones (`rollout.max_staleness`), π_old is the
+    policy that sampled them, not π_θ (rollout.py decides)."""
     return (
         algorithm.epochs == 1 and min(algorithm.mini_batch_size, algorithm.micro_batch_size) >= rows
     )

@@ -14,7 +14,8 @@
 #   pytest_gpu       python -m pytest -m gpu: the tests marked `gpu` (the one marker for CUDA
 #                    tests, declared in pyproject.toml); the vLLM file is left to vllm_backend
 #   tiny_train_bf16  rpp-train fit on configs/tiny.yaml, 3 iterations, FSDP2 with bf16 mixed
-#                    precision on CUDA, its local generation server on CUDA
+#                    precision on CUDA, its local generation server on CUDA, rollouts
+#                    overlapping the updates (max_staleness 1)
 #   vllm_backend     tests/test_generation_vllm.py when `import vllm` works, else skipped
 #
 # Prints one line per check, `check NAME: passed|failed|skipped (DETAIL)`, then, as its last

@@ -119,7 +119,10 @@ def pytest_gpu(device: str, timeout_s: float) -> str:
 
 
 def tiny_train_bf16(device: str, timeout_s: float) -> str:
-    """3 iterations of configs/tiny.yaml, FSDP2 with bf16 mixed precision, all on `device`.
+    """3 iterations of configs/tiny.yaml, FSDP2 with bf16 mixed precision, all on `device`,
+    with asynchronous rollouts (`max_staleness 1`): the first batch is synchronous, the next two
+    are sampled during the previous update and take log π_old from the trainer's copy of the
+    weights that sampled them (swapped into the sharded CUDA parameters).
 
     The local generation server's dtype "auto" is bf16 on CUDA, the dtype the trainer pushes
     there. Rewards come from the tests' graded DigitShareVerifier: a random policy scores 0 on
@@ -139,6 +142,7 @@ def tiny_train_bf16(device: str, timeout_s: float) -> str:
             "--trainer.accelerator", device, "--trainer.devices", "1",
             "--trainer.strategy", "fsdp2", "--model.policy.mixed_precision", "true",
             "--model.rollout.max_iterations", "3", "--trainer.enable_progress_bar", "false",
+            "--model.rollout.max_staleness", "1",
             "--model.generation.local_args", f"[--device, {device}]",
             "--model.rewards", "[{name: digits, local: trainer_verifiers:DigitShareVerifier, "
             "local_args: []}]",
@@ -157,16 +161,21 @@ def tiny_train_bf16(device: str, timeout_s: float) -> str:
         raise AssertionError(f"metrics.csv has {len(rows)} training iterations, expected 3")
     column = lambda name: [float(row.get(name) or "nan") for row in rows]  # noqa: E731
     grad_norms, kl, gap = column("grad_norm"), column("kl"), column("logprob_gap")
+    staleness = column("staleness/max")
+    if staleness[0] != 0 or max(staleness) != 1 or not all(s in (0, 1) for s in staleness):
+        raise AssertionError(f"staleness {staleness}: expected 0 first, then batches of 1")
     if not all(math.isfinite(x) and x > 0 for x in grad_norms):  # bf16 gradients reached fp32
         raise AssertionError(f"grad norms not finite and > 0: {grad_norms}")
     if not kl[-1] > 0:  # after two updates the policy has moved away from the reference
         raise AssertionError(f"KL to the reference is {kl[-1]} after two updates")
     # Engine vs trainer log-probs per token: bf16 rounding gives ~1e-3 (4.8e-4 on CPU against an
-    # fp32 server); stale or wrongly pushed weights give whole nats.
+    # fp32 server); stale or wrongly pushed weights give whole nats; log π_old from the current
+    # weights instead of the sampling version's, ~1e-2 (0.018 in the CPU test).
     if not max(gap) < 0.1:
         raise AssertionError(f"engine/trainer log-prob gap {gap} (>= 0.1: weights out of sync?)")
     return (
-        f"3 iterations; grad_norm {', '.join(f'{x:.3g}' for x in grad_norms)}; "
+        f"3 iterations; staleness {staleness}; "
+        f"grad_norm {', '.join(f'{x:.3g}' for x in grad_norms)}; "
         f"final KL {kl[-1]:.2e}; max engine/trainer logprob gap {max(gap):.2e}"
     )
 

@@ -66,6 +66,35 @@ def test_required_version_mismatch_is_failed_precondition(address) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_min_version_refuses_only_older_weights(address) -> None:
+    """An asynchronous trainer asks with min_weights_version: the version served or a newer one
+    is accepted (a push may land before the request runs), an older one is refused."""
+    from rpp_lightning.generation.scheduler import version_refusal
+
+    ahead = request([[1, 7]], max_new_tokens=2)
+    ahead.min_weights_version = 1
+    both = request([[1, 7]], max_new_tokens=2)
+    both.min_weights_version, both.required_weights_version = 0, 0
+    at_least_served = request([[1, 7]], max_new_tokens=2)
+    at_least_served.min_weights_version = 0
+    with stub_for(address) as stub:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(ahead, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "min_weights_version 1 but this server serves version 0" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(both, timeout=30)
+        assert caught.value.code() == INVALID
+        assert "at most one of required_weights_version and min_weights_version" in str(
+            caught.value.details()
+        )
+        assert stub.Generate(at_least_served, timeout=30).weights_version == 0
+    # the check the scheduler repeats when the rows run, after any swap that jumped the queue
+    assert version_refusal(None, 1, 2) is None and version_refusal(2, None, 2) is None
+    assert version_refusal(1, None, 2) is not None and version_refusal(None, 3, 2) is not None
+
+
+@pytest.mark.timeout(60)
 def test_get_info_describes_the_server(address, tiny_lm_path) -> None:
     with stub_for(address) as stub:
         info = stub.GetInfo(pb.GenerationInfoRequest(), timeout=30)

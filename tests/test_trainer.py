@@ -8,6 +8,7 @@ with graded rewards, so updates are not all zero), talking gRPC on loopback port
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -51,13 +52,11 @@ def run_ok(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
 
 
 def launcher_argv(launcher: str | None, devices: int) -> list[str]:
-    """How `rpp-train` is started: Lightning launches the ranks itself (None), or `torchrun` or
-    Lightning's `fabric run` start them and the trainer joins them."""
+    """How `rpp-train` is started: Lightning launches the ranks itself (None), or Lightning's
+    `fabric run` starts them and the trainer joins them (`torchrun`: train_on_two_nodes)."""
     port = str(free_port())  # not the default 29500, which another run may hold
     return {
         None: [sys.executable, "-m", "rpp_lightning.cli"],
-        "torchrun": ["torchrun", "--nproc_per_node", str(devices), "--master_port", port,
-                     "-m", "rpp_lightning.cli"],
         "fabric-run": ["fabric", "run", "--accelerator", "cpu", "--devices", str(devices),
                        "--main-port", port, str(ROOT / "rpp_lightning" / "cli.py")],
     }[launcher]  # fmt: skip
@@ -246,18 +245,21 @@ def test_fsdp2_mixed_precision_matches_single_process(servers, tmp_path) -> None
 
 def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) -> None:
     """2 gloo ranks: the sharded checkpoint (torch.distributed.checkpoint) holds the policy and
-    its optimizer state, not the frozen reference; a resumed run equals an uninterrupted one,
-    whichever launcher started the ranks."""
+    its optimizer state, not the frozen reference; the stopped run and its resumed part give,
+    number for number, the uninterrupted run of the synchronous loop as it ran before
+    asynchronous rollouts existed (tests/golden/sync_iterations.json, made with `torchrun`):
+    `max_staleness: 0` changed nothing, and the launchers agree."""
     from torch.distributed.checkpoint import FileSystemReader
 
     common = [*batches(2, 4, 2), "--trainer.val_check_interval", "null",
-              "--trainer.limit_val_batches", "0", "--model.export_dir", "null"]  # fmt: skip
-    four = ["--model.rollout.max_iterations", "4"]
-    # the ranks of the first run are started by `fabric run`, of the uninterrupted one by
-    # `torchrun`, of the resumed one by `torchrun --nnodes 2`: three launches, one computation
+              "--trainer.limit_val_batches", "0", "--model.export_dir", "null",
+              "--model.rollout.max_iterations", "4"]  # fmt: skip
+    # the first run's ranks are started by `fabric run`, the resumed run's by `torchrun
+    # --nnodes 2`; the first says `max_staleness: 0`, the resumed one leaves the default
     first = train(
-        tmp_path, *remote(servers, *common, *four, "--trainer.max_steps", "2"), devices=2,
-        launcher="fabric-run",
+        tmp_path,
+        *remote(servers, *common, "--trainer.max_steps", "2", "--model.rollout.max_staleness", "0"),
+        devices=2, launcher="fabric-run",
     )  # fmt: skip
     ckpt = first / "checkpoints" / "last.ckpt"
     keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
@@ -266,23 +268,58 @@ def test_fsdp2_sharded_checkpoint_resumes_where_it_stopped(servers, tmp_path) ->
     assert not any(k.startswith("state_dict.reference.") for k in keys)
     # resumed on "two nodes" of one rank each (global ranks span the nodes; each rank reads and
     # writes its own shard)
-    resume = [*common, *four, "--ckpt_path", str(ckpt)]
+    resume = [*common, "--ckpt_path", str(ckpt)]
     resumed_dir, outputs = train_on_two_nodes(tmp_path / "resumed", *remote(servers, *resume))
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     shards = sorted(p.name for p in (resumed_dir / "checkpoints" / "last.ckpt").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
-    resumed = read_metrics(resumed_dir)
-    assert [int(r["step"]) for r in resumed] == [2, 3]
-    assert int(resumed[0]["weights_version"]) > int(read_metrics(first)[-1]["weights_version"])
-    straight = read_metrics(
-        train(
-            tmp_path / "straight", *remote(servers, *common, *four), devices=2, launcher="torchrun"
-        )
-    )
-    assert any(r["grad_norm"] > 0 for r in straight[2:]), "no update: the comparison is vacuous"
+    stopped, resumed = read_metrics(first), read_metrics(resumed_dir)
+    assert [int(r["step"]) for r in stopped + resumed] == [0, 1, 2, 3]
+    assert int(resumed[0]["weights_version"]) > int(stopped[-1]["weights_version"])
+    assert any(r["grad_norm"] > 0 for r in resumed), "no update: the comparison is vacuous"
+    golden = json.loads((ROOT / "tests" / "golden" / "sync_iterations.json").read_text())
     for key in ("reward", "response_length", "policy_loss", "grad_norm", "kl"):
-        expected = pytest.approx([r[key] for r in resumed], rel=1e-4, abs=1e-6)
-        assert [r[key] for r in straight[2:]] == expected, key
+        expected = pytest.approx([r[key] for r in golden["iterations"]], rel=1e-4, abs=1e-6)
+        assert [r[key] for r in stopped + resumed] == expected, key
+    assert all(r["staleness/max"] == 0 for r in stopped + resumed)
+
+
+def test_async_rollouts_on_two_fsdp2_ranks_stay_within_staleness_and_resume(
+    servers, tmp_path
+) -> None:
+    """`max_staleness: 1` on 2 gloo ranks: after the first iteration, each batch is sampled while
+    the previous update runs, by weights at most one version old, and its log π_old is that
+    version's (the server's own log-probs agree to fp32 rounding). Resumed from its checkpoint,
+    the run carries on at the next iteration: synchronously once (nothing in flight was saved),
+    then overlapping again."""
+    common = [*batches(2, 4, 2), "--trainer.val_check_interval", "null",
+              "--trainer.limit_val_batches", "0", "--model.export_dir", "null",
+              "--model.rollout.max_staleness", "1",
+              "--model.rollout.max_iterations", "5"]  # fmt: skip
+    first = train(tmp_path, *remote(servers, *common, "--trainer.max_steps", "3"), devices=2)
+    resumed = train(
+        tmp_path / "resumed",
+        *remote(servers, *common, "--ckpt_path", str(first / "checkpoints" / "last.ckpt")),
+        devices=2,
+    )
+    runs = {"first": read_metrics(first), "resumed": read_metrics(resumed)}
+    assert [int(r["step"]) for r in runs["first"]] == [0, 1, 2]
+    assert [int(r["step"]) for r in runs["resumed"]] == [3, 4]
+    for name, rows in runs.items():
+        staleness = [r["staleness/max"] for r in rows]
+        assert staleness[0] == 0, name  # nothing asked for ahead yet: a synchronous batch
+        assert all(s in (0, 1) for s in staleness), (name, staleness)
+        for row in rows:
+            # every rollout of a batch is of one version here (one replica, one request)
+            oldest = row["weights_version/rollouts"]
+            assert oldest == row["weights_version"] - 1 - row["staleness/max"], (name, row)
+            assert row["staleness/refused"] == 0
+            # π_old is the sampling version's: the fp32 server's log-probs agree with it
+            assert row["logprob_gap"] < 1e-5, (name, row["logprob_gap"])
+            assert row["time/rollout_wait"] >= 0 and row["time/generation_idle"] >= 0
+    # the overlap happened (a push that lands before a request runs makes that batch fresher)
+    assert any(r["staleness/max"] == 1 for r in runs["first"][1:]), runs["first"]
+    assert all(math.isfinite(r["policy_loss"]) for r in runs["first"] + runs["resumed"])
 
 
 def test_ppo_on_two_fsdp2_ranks_matches_one_process(servers, tmp_path) -> None:

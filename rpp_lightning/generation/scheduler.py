@@ -34,6 +34,7 @@ log = logging.getLogger("rpp.generation")
 class _GenerateJob:
     rows: list[SampleRow]
     required_version: int | None
+    min_version: int | None
     is_active: Callable[[], bool]
     future: Future = field(default_factory=Future)
     """Resolves to (results, weights_version)."""
@@ -75,9 +76,11 @@ class Scheduler:
         rows: list[SampleRow],
         required_version: int | None = None,
         is_active: Callable[[], bool] = lambda: True,
+        min_version: int | None = None,
     ) -> Future:
-        """Queue rows for generation; the future gives (list[SampleResult], version)."""
-        job = _GenerateJob(rows, required_version, is_active)
+        """Queue rows for generation; the future gives (list[SampleResult], version). The
+        rows run only on `required_version`, or on `min_version` or newer, when given."""
+        job = _GenerateJob(rows, required_version, min_version, is_active)
         self._enqueue(self._generate, job)
         return job.future
 
@@ -155,8 +158,9 @@ class Scheduler:
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
                 continue
-            if job.required_version is not None and job.required_version != self._version:
-                job.future.set_exception(_stale(job.required_version, self._version))
+            refusal = version_refusal(job.required_version, job.min_version, self._version)
+            if refusal is not None:
+                job.future.set_exception(refusal)
             elif not job.is_active():  # the caller's deadline passed or it hung up
                 job.future.set_exception(
                     StatusError(grpc.StatusCode.CANCELLED, "the call ended before generation")
@@ -182,11 +186,13 @@ class Scheduler:
             start += len(job.rows)
 
 
-def _stale(required: int, served: int) -> StatusError:
-    return StatusError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"required_weights_version {required} but this server serves version {served}",
-    )
-
-
-stale_version_error = _stale
+def version_refusal(required: int | None, minimum: int | None, served: int) -> StatusError | None:
+    """FAILED_PRECONDITION when the served version is not the required one or older than the
+    minimum (rpp.v1.GenerateRequest); None when the request may run."""
+    if required is not None and required != served:
+        message = f"required_weights_version {required} but this server serves version {served}"
+    elif minimum is not None and served < minimum:
+        message = f"min_weights_version {minimum} but this server serves version {served}"
+    else:
+        return None
+    return StatusError(grpc.StatusCode.FAILED_PRECONDITION, message)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow, row_seed
-from rpp_lightning.generation.scheduler import Scheduler, stale_version_error
+from rpp_lightning.generation.scheduler import Scheduler, version_refusal
 from rpp_lightning.generation.weights import (
     WeightsAssembler,
     load_safetensors_dir,
@@ -87,14 +87,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         rows = self.rows_of(request)
-        required = (
-            request.required_weights_version
-            if request.HasField("required_weights_version")
-            else None
-        )
-        if required is not None and required != self.scheduler.version:
-            raise stale_version_error(required, self.scheduler.version)  # fail fast
-        future = self.scheduler.submit(rows, required, context.is_active)
+        has = request.HasField
+        required = request.required_weights_version if has("required_weights_version") else None
+        minimum = request.min_weights_version if has("min_weights_version") else None
+        if required is not None and minimum is not None:
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "set at most one of required_weights_version and min_weights_version",
+            )
+        refusal = version_refusal(required, minimum, self.scheduler.version)
+        if refusal is not None:  # fail fast; checked again when the rows run
+            raise refusal
+        future = self.scheduler.submit(rows, required, context.is_active, minimum)
         remaining = context.time_remaining()  # a huge number when the client set no deadline
         try:
             results, version = future.result(

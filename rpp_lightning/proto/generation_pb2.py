@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rpp/v1/generation.proto\x12\x06rpp.v1\"\x9a\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xa0\x01\n\x0fGenerateRequest\x12\x1f\n\x07prompts\x18\x01 \x03(\x0b\x32\x0e.rpp.v1.Prompt\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.rpp.v1.SamplingParams\x12%\n\x18required_weights_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x1b\n\x19_required_weights_version\"w\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.rpp.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x04 \x01(\x04\"O\n\x11PromptCompletions\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\'\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x12.rpp.v1.Completion\"W\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rpp.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"@\n\rWeightsHeader\x12\x16\n\x0etarget_version\x18\x01 \x01(\x04\x12\x17\n\x0fsafetensors_dir\x18\x02 \x01(\t\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"7\n\rWeightsCommit\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"3\n\x0cTensorChunks\x12#\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x13.rpp.v1.TensorChunk\"\xa5\x01\n\x14UpdateWeightsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rpp.v1.WeightsHeaderH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.rpp.v1.TensorChunksH\x00\x12\'\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x15.rpp.v1.WeightsCommitH\x00\x42\x06\n\x04itemJ\x04\x08\x02\x10\x03R\x05\x63hunk\"X\n\x15UpdateWeightsResponse\x12\x17\n\x0fweights_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\x17\n\x15GenerationInfoRequest\"\xaf\x01\n\x14GenerationServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\xf3\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05\x12\x16\n\x12TENSOR_DTYPE_INT32\x10\x06\x12\x16\n\x12TENSOR_DTYPE_UINT8\x10\x07\x12\x15\n\x11TENSOR_DTYPE_BOOL\x10\x08\x32\xea\x01\n\x11GenerationService\x12=\n\x08Generate\x12\x17.rpp.v1.GenerateRequest\x1a\x18.rpp.v1.GenerateResponse\x12N\n\rUpdateWeights\x12\x1c.rpp.v1.UpdateWeightsRequest\x1a\x1d.rpp.v1.UpdateWeightsResponse(\x01\x12\x46\n\x07GetInfo\x12\x1d.rpp.v1.GenerationInfoRequest\x1a\x1c.rpp.v1.GenerationServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rpp/v1/generation.proto\x12\x06rpp.v1\"\x9a\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xda\x01\n\x0fGenerateRequest\x12\x1f\n\x07prompts\x18\x01 \x03(\x0b\x32\x0e.rpp.v1.Prompt\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.rpp.v1.SamplingParams\x12%\n\x18required_weights_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13min_weights_version\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x1b\n\x19_required_weights_versionB\x16\n\x14_min_weights_version\"w\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.rpp.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x04 \x01(\x04\"O\n\x11PromptCompletions\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\'\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x12.rpp.v1.Completion\"W\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rpp.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"@\n\rWeightsHeader\x12\x16\n\x0etarget_version\x18\x01 \x01(\x04\x12\x17\n\x0fsafetensors_dir\x18\x02 \x01(\t\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"7\n\rWeightsCommit\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"3\n\x0cTensorChunks\x12#\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x13.rpp.v1.TensorChunk\"\xa5\x01\n\x14UpdateWeightsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rpp.v1.WeightsHeaderH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.rpp.v1.TensorChunksH\x00\x12\'\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x15.rpp.v1.WeightsCommitH\x00\x42\x06\n\x04itemJ\x04\x08\x02\x10\x03R\x05\x63hunk\"X\n\x15UpdateWeightsResponse\x12\x17\n\x0fweights_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\x17\n\x15GenerationInfoRequest\"\xaf\x01\n\x14GenerationServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\xf3\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05\x12\x16\n\x12TENSOR_DTYPE_INT32\x10\x06\x12\x16\n\x12TENSOR_DTYPE_UINT8\x10\x07\x12\x15\n\x11TENSOR_DTYPE_BOOL\x10\x08\x32\xea\x01\n\x11GenerationService\x12=\n\x08Generate\x12\x17.rpp.v1.GenerateRequest\x1a\x18.rpp.v1.GenerateResponse\x12N\n\rUpdateWeights\x12\x1c.rpp.v1.UpdateWeightsRequest\x1a\x1d.rpp.v1.UpdateWeightsResponse(\x01\x12\x46\n\x07GetInfo\x12\x1d.rpp.v1.GenerationInfoRequest\x1a\x1c.rpp.v1.GenerationServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpp.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1434
-  _globals['_FINISHREASON']._serialized_end=1529
-  _globals['_TENSORDTYPE']._serialized_start=1532
-  _globals['_TENSORDTYPE']._serialized_end=1775
+  _globals['_FINISHREASON']._serialized_start=1492
+  _globals['_FINISHREASON']._serialized_end=1587
+  _globals['_TENSORDTYPE']._serialized_start=1590
+  _globals['_TENSORDTYPE']._serialized_end=1833
   _globals['_SAMPLINGPARAMS']._serialized_start=36
   _globals['_SAMPLINGPARAMS']._serialized_end=190
   _globals['_PROMPT']._serialized_start=192
   _globals['_PROMPT']._serialized_end=231
   _globals['_GENERATEREQUEST']._serialized_start=234
-  _globals['_GENERATEREQUEST']._serialized_end=394
-  _globals['_COMPLETION']._serialized_start=396
-  _globals['_COMPLETION']._serialized_end=515
-  _globals['_PROMPTCOMPLETIONS']._serialized_start=517
-  _globals['_PROMPTCOMPLETIONS']._serialized_end=596
-  _globals['_GENERATERESPONSE']._serialized_start=598
-  _globals['_GENERATERESPONSE']._serialized_end=685
-  _globals['_WEIGHTSHEADER']._serialized_start=687
-  _globals['_WEIGHTSHEADER']._serialized_end=751
-  _globals['_TENSORCHUNK']._serialized_start=753
-  _globals['_TENSORCHUNK']._serialized_end=861
-  _globals['_WEIGHTSCOMMIT']._serialized_start=863
-  _globals['_WEIGHTSCOMMIT']._serialized_end=918
-  _globals['_TENSORCHUNKS']._serialized_start=920
-  _globals['_TENSORCHUNKS']._serialized_end=971
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=974
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1139
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1141
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1229
-  _globals['_GENERATIONINFOREQUEST']._serialized_start=1231
-  _globals['_GENERATIONINFOREQUEST']._serialized_end=1254
-  _globals['_GENERATIONSERVERINFO']._serialized_start=1257
-  _globals['_GENERATIONSERVERINFO']._serialized_end=1432
-  _globals['_GENERATIONSERVICE']._serialized_start=1778
-  _globals['_GENERATIONSERVICE']._serialized_end=2012
+  _globals['_GENERATEREQUEST']._serialized_end=452
+  _globals['_COMPLETION']._serialized_start=454
+  _globals['_COMPLETION']._serialized_end=573
+  _globals['_PROMPTCOMPLETIONS']._serialized_start=575
+  _globals['_PROMPTCOMPLETIONS']._serialized_end=654
+  _globals['_GENERATERESPONSE']._serialized_start=656
+  _globals['_GENERATERESPONSE']._serialized_end=743
+  _globals['_WEIGHTSHEADER']._serialized_start=745
+  _globals['_WEIGHTSHEADER']._serialized_end=809
+  _globals['_TENSORCHUNK']._serialized_start=811
+  _globals['_TENSORCHUNK']._serialized_end=919
+  _globals['_WEIGHTSCOMMIT']._serialized_start=921
+  _globals['_WEIGHTSCOMMIT']._serialized_end=976
+  _globals['_TENSORCHUNKS']._serialized_start=978
+  _globals['_TENSORCHUNKS']._serialized_end=1029
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1032
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1197
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1199
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1287
+  _globals['_GENERATIONINFOREQUEST']._serialized_start=1289
+  _globals['_GENERATIONINFOREQUEST']._serialized_end=1312
+  _globals['_GENERATIONSERVERINFO']._serialized_start=1315
+  _globals['_GENERATIONSERVERINFO']._serialized_end=1490
+  _globals['_GENERATIONSERVICE']._serialized_start=1836
+  _globals['_GENERATIONSERVICE']._serialized_end=2070
 # @@protoc_insertion_point(module_scope)
