@@ -101,7 +101,8 @@ def test_asynchronous_rollouts_use_their_behaviour_policy_and_old_ones_are_refus
     """Real servers (tiny.yaml's local generation and math servers): a batch asked for ahead is
     sampled by the version served then; after an update, its log π_old is that version's (by
     hand, and the server's own log-probs agree), and the PPO ratio is π_θ / π_behav; once it
-    is 2 versions behind with max_staleness 1, it is refused and generated again."""
+    is 2 versions behind with max_staleness 1, it is refused and generated again; one that a
+    restarted server refuses goes through the fault handling (push again, generate again)."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     module, data = _parsed(tmp_path, monkeypatch, "--model.rollout.max_staleness", "1",
@@ -173,6 +174,31 @@ def test_asynchronous_rollouts_use_their_behaviour_policy_and_old_ones_are_refus
         assert module.refused_rollouts == len(again) == 8
         assert {r.weights_version for r in again} == {3} and scoring is None
         assert "generating the batch again on the current weights" in caplog.text
+
+        # the fault handling of a batch asked for ahead: the generation server restarts (a
+        # fresh process at version 0, same address) before the batch runs; it refuses (older
+        # than min_weights_version 3), so the trainer pushes its weights as version 4 and
+        # generates the batch on them
+        from lightning.pytorch import Trainer
+
+        from rpp_lightning.local_servers import ChildServer
+
+        module.trainer = Trainer(accelerator="cpu", devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+        old = next(c for c in module.servers.children if c.name == "generation-server")
+        port = old.address.rsplit(":", 1)[1]
+        old.stop()
+        argv = [*old.argv]
+        argv[argv.index("--port") + 1] = port
+        fresh = ChildServer(argv, name="generation-server")
+        module.servers.children.append(fresh)
+        pipeline.ask(3, rows, module._rollout_step(3, rows))
+        with caplog.at_level(logging.WARNING, logger="rpp.faults"):
+            rollouts, _ = module._generate_on_current_weights(
+                rows, module._rollout_step(3, rows), {}, pipeline.take(3, rows)
+            )
+        assert "no generation replica serves weights version 3" in caplog.text
+        assert module.weights_version == 4 and {r.weights_version for r in rollouts} == {4}
     finally:
         module.pipeline.close()
         module.experience.close()
