@@ -88,6 +88,7 @@ class ResumableSampler(Sampler[int]):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
         self.skip_batches = skip_batches or (lambda: 0)
+        self._last_order: tuple[int | None, list[int]] = (None, [])  # (epoch, its shuffle)
         self.steps = size // (batch_size * world_size)
         if self.steps == 0:
             raise ValueError(
@@ -113,10 +114,16 @@ class ResumableSampler(Sampler[int]):
         return self._block(self._order(epoch), step)
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        """The epoch's shuffle, kept for the next call (batches asked for ahead would otherwise
+        redraw the whole permutation every iteration: ~1 ms for 20k prompts)."""
+        if self._last_order[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
+            else:
+                order = list(range(self.size))
+            self._last_order = (epoch, order)
+        return self._last_order[1]
 
     def _block(self, order: list[int], step: int) -> list[int]:
         start = step * self.batch_size * self.world_size + self.rank * self.batch_size

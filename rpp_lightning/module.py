@@ -147,7 +147,6 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         staleness = self.rollout.max_staleness
         self.pipeline = RolloutPipeline(self.experience, staleness) if staleness else None
         self.refused_rollouts = 0  # refused as too old in this iteration (pipeline.py)
-        self._background_timings: dict[str, float] = {}
         self.weights_version = 0  # version of the weights the generation servers serve
         self.iteration = 0
         self._synced = False
@@ -275,7 +274,7 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
             # the whole previous iteration, its logging and Lightning's loop included
             timings["previous_iteration"] = step_start - self._previous_step_start
         self._previous_step_start = step_start
-        rollouts, scoring = self._rollouts_for(batch, timings)
+        rollouts, scoring, background = self._rollouts_for(batch, timings)
         try:
             made = self.experience.make(
                 batch, rollouts, self.policy, self.reference, timings, self.critic, scoring,
@@ -300,10 +299,10 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         timings["generation_idle"] = self.experience.generation_busy.idle_between(
             step_start, step_end
         )
-        overlap = self._overlap_metrics(rollouts, trained_by, timings)
+        timings.update({k: v for k, v in background.items() if k not in timings})
         metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
         metrics.update(update_metrics(critic_steps))
-        metrics.update(overlap)
+        metrics.update(self._staleness_metrics(rollouts, trained_by))
         metrics["weights_version"] = float(self.weights_version)
         metrics["lr"] = schedulers[0].get_last_lr()[0]
         self._log_metrics(metrics)

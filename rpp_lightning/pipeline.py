@@ -116,19 +116,20 @@ class OverlapsRollouts:
     """ReinforcePP's side of the pipeline (a mixin): which rollouts an iteration trains on, what
     it asks for ahead, and the weight copies that give their log π_behav (behaviour.py)."""
 
-    def _rollouts_for(self, batch: list[PromptRow], timings: dict) -> tuple[list, Future | None]:
+    def _rollouts_for(
+        self, batch: list[PromptRow], timings: dict
+    ) -> tuple[list, Future | None, dict[str, float]]:
         """This iteration's rollouts, asked for ahead or generated now (faults.py checks them),
-        and their scoring if it has started; then ask for the batches ahead."""
+        their scoring if it has started, and the background's phase times (its generate and
+        score, written by the time the scoring is done); then ask for the batches ahead."""
         pending = self.pipeline.take(self.iteration, batch) if self.pipeline else None
         self.refused_rollouts = 0
         with timed(timings, "rollout_wait"):
             rollouts, scoring = self._generate_on_current_weights(
                 batch, self._rollout_step(self.iteration, batch), timings, pending
             )
-        # the background's generate and score times (written by the time make() returns)
-        self._background_timings = pending.timings if pending is not None else {}
         self._ask_ahead()
-        return rollouts, scoring
+        return rollouts, scoring, pending.timings if pending is not None else {}
 
     def _ask_ahead(self) -> None:
         """Ask for the batches of the next max_staleness iterations, sampled by the version the
@@ -158,10 +159,8 @@ class OverlapsRollouts:
         if self.pipeline is not None:
             self.experience.snapshots.keep_from(self.weights_version - self.rollout.max_staleness)
 
-    def _overlap_metrics(self, rollouts: list, trained_by: int, timings: dict) -> dict:
-        """Staleness of the rollouts against `trained_by` (the version the update started
-        from), and the background's phase times into `timings`."""
-        timings.update({k: v for k, v in self._background_timings.items() if k not in timings})
+    def _staleness_metrics(self, rollouts: list, trained_by: int) -> dict[str, float]:
+        """Staleness of the rollouts against `trained_by`, the version the update started from."""
         ages = [trained_by - r.weights_version for r in rollouts]
         return {
             "staleness": sum(ages) / len(ages),

@@ -193,10 +193,11 @@ class GenerationClient:
         """
         if not prompts:
             return []
-        if min_version is not None and expected_version is not None:
+        if min_version is None:
+            expected = self._version if expected_version is None else expected_version
+        elif expected_version is not None:
             raise ValueError("give at most one of expected_version and min_version")
-        expected = self._version if expected_version is None else expected_version
-        if min_version is not None:
+        else:
             expected = None
         base = mix_seed(sampling.seed) if sampling.seed is not None else secrets.randbits(63)
         pieces = self._split(len(prompts))
