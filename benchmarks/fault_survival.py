@@ -332,19 +332,21 @@ def _account(segments: list[dict], faults: list[str], iterations: int) -> dict:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the verifier's workers), in MiB."""
+    """Resident memory of a process and all its descendants (the verifier's workers, which a
+    fork server started, are grandchildren), in MiB."""
     total = 0.0
     pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for p in pids:
+    while pids:
+        p = pids.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except FileNotFoundError:
-            pass
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
     return total
 
 

@@ -21,10 +21,10 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -42,7 +42,14 @@ from rpp_lightning.serving import StatusError
 FALLBACKS = ("boxed", "answer_is", "last_number")
 """Answer extraction methods, tried in order: \\boxed{...}, "the answer is ...", last number."""
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
+# Every pattern here runs in time linear in the response: a policy in training emits long runs of
+# spaces and thousands of open braces, and a quadratic regex on them stalls the worker for
+# seconds. The answer after "answer is" is one character, then everything up to the end of its
+# sentence: a newline, a period followed by white space, or the end. Each character after the
+# first can be matched one way only, so the engine does not backtrack over it (the former lazy
+# `(.+?)\s*` before the sentence's end did, quadratically in a run of spaces), and no two `\s*`
+# stand side by side (`\s*:?\s*` splits a run of newlines in quadratically many ways).
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(?::\s*)?([^\n](?:[^.\n]|\.(?=\S))*)", re.I)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -60,24 +67,31 @@ class Verdict:
     """"" when correct; else no_answer_found, wrong_answer, parse_error or timeout."""
 
 
+_KILLED = Verdict(False, error="timeout")
+
+
 class _SampleTimeout(BaseException):
     # BaseException: math-verify and sympy catch `Exception` broadly and would swallow it.
     pass
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    matches = list(_BOXED.finditer(text))
-    for match in reversed(matches):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-    return None  # no \boxed, or never closed
+    """Content of the last \\boxed{...} that is closed (nested braces allowed), or None.
+
+    One pass with a stack of open braces: linear in the text, whatever its braces."""
+    openers = {match.end() - 1 for match in _BOXED.finditer(text)}  # the "{" of each \\boxed{
+    if not openers:
+        return None
+    stack: list[int] = []
+    last: tuple[int, int] | None = None  # (start, end) of the closed \\boxed{} opened last
+    for i, char in enumerate(text):
+        if char == "{":
+            stack.append(i)
+        elif char == "}" and stack:
+            start = stack.pop()
+            if start in openers and (last is None or start > last[0]):
+                last = (start, i)
+    return None if last is None else text[last[0] + 1 : last[1]].strip()
 
 
 def extract_answer(text: str, fallbacks: tuple[str, ...] = FALLBACKS) -> tuple[str, str] | None:
@@ -103,33 +117,60 @@ def _as_latex(text: str) -> str:
     return text if "$" in text or "\\boxed" in text else f"${text}$"
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_reference(reference: str):
-    # References repeat (several samples per prompt): parse each once per worker.
-    from math_verify import parse
+class _ReferenceCache:
+    """Parsed references of one worker, least recently used first out, bounded in characters.
 
-    return parse(_as_latex(reference), parsing_timeout=None)
+    References repeat (several samples per prompt), so each is parsed once per worker. The bound
+    is on size, not count: 4096 entries of a megabyte each would keep gigabytes in every worker.
+    A reference longer than a tenth of the budget is parsed every time instead of cached.
+    """
+
+    def __init__(self, max_chars: int = 2_000_000) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self.entries: OrderedDict[str, list] = OrderedDict()
+
+    def get(self, reference: str) -> list:
+        if reference in self.entries:
+            self.entries.move_to_end(reference)
+            return self.entries[reference]
+        from math_verify import parse
+
+        parsed = parse(_as_latex(reference), parsing_timeout=None)
+        if len(reference) <= self.max_chars // 10:
+            self.entries[reference] = parsed
+            self.chars += len(reference)
+            while self.chars > self.max_chars:
+                evicted, _ = self.entries.popitem(last=False)
+                self.chars -= len(evicted)
+        return parsed
+
+
+_references = _ReferenceCache()
 
 
 def verify_one(task: tuple[str, str, tuple[str, ...], float]) -> Verdict:
-    """Decide one sample. Call it on a process's main thread: its timeout uses SIGALRM."""
+    """Decide one sample. Call it on a process's main thread: its timeout uses SIGALRM.
+
+    Every step that reads the response, extraction included, runs under the time limit."""
     from math_verify import parse, verify
 
     response, reference, fallbacks, timeout_s = task
-    found = extract_answer(response, fallbacks)
-    if found is None:
-        return Verdict(False, error="no_answer_found")
-    answer, method = found
 
     def on_alarm(signum, frame):
         raise _SampleTimeout()
 
     previous = signal.signal(signal.SIGALRM, on_alarm) if timeout_s > 0 else None
+    answer = method = ""
     try:
         if timeout_s > 0:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        found = extract_answer(response, fallbacks)
+        if found is None:
+            return Verdict(False, error="no_answer_found")
+        answer, method = found
         # math-verify's own signal timeouts are off (None): ours covers parse and verify together.
-        gold = _parse_reference(reference)
+        gold = _references.get(reference)
         if not gold:
             return Verdict(False, answer, method, "parse_error")  # the reference, not the answer
         predicted = parse(f"${answer.strip('$')}$", parsing_timeout=None)
@@ -223,10 +264,9 @@ class MathVerifier(Verifier):
             ) from exc
         except PoolClosed as exc:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from exc
-        return [
-            _killed_verdict(sample, self.fallbacks) if r == TIMED_OUT else r
-            for sample, r in zip(samples, results, strict=True)
-        ]
+        # A killed worker's verdict is lost with it. The server process never reads a response
+        # itself (that is what the time limit guards), so no extracted answer is reported.
+        return [_KILLED if r == TIMED_OUT else r for r in results]
 
     def score(self, samples: list[SampleInput], deadline_s: float | None) -> list[ScoreResult]:
         """Rewards from verdicts: correct/wrong reward plus the format reward for \\boxed."""
@@ -248,12 +288,6 @@ class MathVerifier(Verifier):
     def close(self) -> None:
         """Stop the worker processes."""
         self.pool.close()
-
-
-def _killed_verdict(sample: SampleInput, fallbacks: tuple[str, ...]) -> Verdict:
-    # The killed worker's answer is lost; extraction is a cheap regex, so redo it for the info.
-    found = extract_answer(sample.response, fallbacks) or ("", "")
-    return Verdict(False, found[0], found[1], "timeout")
 
 
 def _worker_fn(task: tuple[str, str, tuple[str, ...], float]) -> Verdict:

@@ -18,13 +18,13 @@ import grpc
 
 from reward_servers.base import SampleInput, Verifier, serving_call
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument
+from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument, quote
 
 log = logging.getLogger("rpp.reward")
 
 SERVICE_NAME = "rpp.v1.RewardService"
 _NO_DEADLINE_S = 10**7
-_MAX_IDS_IN_MESSAGE = 10  # error messages name this many ids, then "... and N more"
+_MAX_IDS_IN_MESSAGE = 5  # error messages name this many ids, then "... and N more"
 
 
 @dataclass
@@ -34,11 +34,13 @@ class RequestLimits:
     max_samples: int = 4096
     """Most samples per request (reported by GetInfo as max_samples_per_request)."""
     max_chars: int = 1_000_000
-    """Longest prompt, response, reference or metadata value, in characters."""
+    """Longest string of a sample (id, prompt, response, reference, metadata key or value), in
+    characters."""
 
 
 def _name_ids(ids: list[str]) -> str:
-    shown = ", ".join(repr(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
+    # Ids are the client's strings: each is quoted short, so the message stays small.
+    shown = ", ".join(quote(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
     more = len(ids) - _MAX_IDS_IN_MESSAGE
     return shown + (f" ... and {more} more" if more > 0 else "")
 
@@ -76,7 +78,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 empty_response.append(label)
             if self.verifier.requires_reference and not sample.reference:
                 missing_reference.append(label)
-            strings = [sample.prompt, sample.response, sample.reference, *sample.metadata.values()]
+            strings = [sample.id, sample.prompt, sample.response, sample.reference]
+            strings += [text for item in sample.metadata.items() for text in item]
             if max(len(s) for s in strings) > self.limits.max_chars:
                 too_long.append(label)
             if sample.id in seen:

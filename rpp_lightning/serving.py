@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -86,6 +87,89 @@ class StatusError(Exception):
 def invalid_argument(message: str) -> StatusError:
     """Shorthand for the most common servicer error."""
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+MAX_STATUS_MESSAGE_BYTES = 1000
+"""Longest status message a server sends. gRPC carries it in a header, and a client refuses a
+header block over its limit (8 KiB by default) with RESOURCE_EXHAUSTED, hiding the real status:
+a message must stay far below that, whatever the client sent."""
+QUOTE_CHARS = 40
+"""Most characters of a client-chosen string (an id, a tensor name, a path) a message quotes."""
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`value` as an ASCII repr cut to about `limit` characters, for error messages: they name
+    what the client sent without echoing megabytes of it back."""
+    text = str(value)
+    if len(text) <= limit:
+        return ascii(text)
+    return f"{text[:limit]!a}... ({len(text)} characters)"
+
+
+def quote_list(values: Sequence[object], most: int = 5) -> str:
+    """The first `most` items of `values`, each quoted, then how many more there were."""
+    shown = ", ".join(quote(v) if isinstance(v, str) else str(v) for v in values[:most])
+    more = len(values) - most
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def bounded(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` UTF-8 bytes, saying so when cut."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    keep = limit - 40  # room for the note below
+    return data[:keep].decode(errors="ignore") + f" ... [{len(data) - keep} bytes cut]"
+
+
+def idle_limited(messages: Iterator[Any], idle_s: float) -> Iterator[Any]:
+    """The messages of a client stream, ending in DEADLINE_EXCEEDED (StatusError) when none
+    arrives for `idle_s` seconds.
+
+    gRPC's request iterator blocks until the next message with no limit of its own, and a
+    stalled sender with no deadline would hold the handler (and what it buffered) forever. So a
+    helper thread reads the stream, one message ahead at most, and the handler waits on it with
+    a timeout. Once the handler has returned, the call ends and the helper's read returns.
+    """
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def hand_over(item: tuple[bool, Any]) -> None:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
+        try:
+            for message in messages:
+                hand_over((True, message))
+                if stop.is_set():
+                    return
+            hand_over((True, end))
+        except BaseException as exc:  # raised again on the handler's thread
+            hand_over((False, exc))
+
+    threading.Thread(target=read, name="stream-reader", daemon=True).start()
+    try:
+        while True:
+            try:
+                ok, item = box.get(timeout=idle_s)
+            except queue.Empty:
+                raise StatusError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no stream message for {idle_s:g}s: the stream was dropped",
+                ) from None
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -184,12 +268,12 @@ def _guard_unary_response(handler, method: str, authorized: bool, request_stream
             server_ms = (time.perf_counter() - start) * 1000
             context.set_trailing_metadata(((SERVER_TIME_KEY, f"{server_ms:.3f}"),))
         except StatusError as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, bounded(exc.message))
         except Exception as exc:
             if _was_aborted(context):
                 raise
             log.exception("%s failed", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, bounded(f"{type(exc).__name__}: {exc}"))
         finally:
             code = context.code() or grpc.StatusCode.OK
             ms = (time.perf_counter() - start) * 1000

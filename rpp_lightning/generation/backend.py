@@ -9,6 +9,7 @@ thread-safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,8 +71,14 @@ class Backend(Protocol):
         """Name -> (dtype, shape) of every tensor an update may replace."""
         ...
 
-    def generate(self, rows: list[SampleRow]) -> list[SampleResult]:
-        """Sample every row (one result per row, same order) with the current weights."""
+    def generate(
+        self, rows: list[SampleRow], gone: Callable[[], Sequence[bool]] | None = None
+    ) -> list[SampleResult]:
+        """Sample every row (one result per row, same order) with the current weights.
+
+        `gone()` says, per row, whether its caller has gone away. A backend that can look at it
+        between decode steps stops working on those rows (their results are thrown away) and
+        returns as soon as no row is left whose caller still waits."""
         ...
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

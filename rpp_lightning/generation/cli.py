@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--weights-root", help="directory under which safetensors_dir updates may load"
     )
+    gen.add_argument(
+        "--update-idle-timeout-s",
+        type=float,
+        default=limits.update_idle_timeout_s,
+        help="drop an UpdateWeights stream that sends nothing for this long",
+    )
     parser.add_argument("--log-level", default="INFO")
     add_server_arguments(parser)
     return parser
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             max_samples_per_request=args.max_samples_per_request,
             weights_root=args.weights_root,
+            update_idle_timeout_s=args.update_idle_timeout_s,
         )
         limits.validate()
         config = server_config_from_args(args)

@@ -10,6 +10,10 @@ Batching: when the thread is free it takes every waiting request (up to `max_bat
 always at least one request) and runs their rows together; requests arriving meanwhile form the
 next batch. A request larger than `max_batch_size` rows runs as consecutive sub-batches, still
 on one version.
+
+A caller that goes away costs at most the decode step in flight: before each sub-batch the
+scheduler drops the rows of callers that have gone, and during one the backend asks `gone()`
+between decode steps.
 """
 
 from __future__ import annotations
@@ -167,14 +171,41 @@ class Scheduler:
                 )
             else:
                 live.append(job)
-        rows = [row for job in live for row in job.rows]
-        if not rows:
+        if not live:
             return
         self.batches_run += 1
+        # A caller that goes away (deadline, hang-up) stops costing work: its rows not yet begun
+        # are skipped between sub-batches, and its rows in the running sub-batch end at the next
+        # decode step (`gone`), so the engine moves on to the callers that still wait.
+        owners = [job for job in live for _ in job.rows]
+        rows = [row for job in live for row in job.rows]
+        results: list[SampleResult | None] = [None] * len(rows)
+        left: set[int] = set()  # ids of the jobs whose caller has gone
+
+        def look() -> None:
+            for job in live:
+                if id(job) not in left and not job.is_active():
+                    left.add(id(job))
+
         try:
-            results: list[SampleResult] = []
             for start in range(0, len(rows), self.max_batch_size):
-                results += self.backend.generate(rows[start : start + self.max_batch_size])
+                look()
+                index = [
+                    i
+                    for i in range(start, min(start + self.max_batch_size, len(rows)))
+                    if id(owners[i]) not in left
+                ]
+                if not index:
+                    continue
+                batch_owners = [owners[i] for i in index]
+
+                def gone(batch_owners: list[_GenerateJob] = batch_owners) -> list[bool]:
+                    look()
+                    return [id(job) in left for job in batch_owners]
+
+                batch = self.backend.generate([rows[i] for i in index], gone)
+                for i, result in zip(index, batch, strict=True):
+                    results[i] = result
         except Exception as exc:
             log.exception("generation failed")
             for job in live:
@@ -182,7 +213,12 @@ class Scheduler:
             return
         start = 0
         for job in live:
-            job.future.set_result((results[start : start + len(job.rows)], self._version))
+            if id(job) in left:
+                job.future.set_exception(
+                    StatusError(grpc.StatusCode.CANCELLED, "the call ended during generation")
+                )
+            else:
+                job.future.set_result((results[start : start + len(job.rows)], self._version))
             start += len(job.rows)
 
 

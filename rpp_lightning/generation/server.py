@@ -24,17 +24,30 @@ from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow, r
 from rpp_lightning.generation.scheduler import Scheduler, version_refusal
 from rpp_lightning.generation.weights import (
     WeightsAssembler,
+    WeightsUpdate,
     load_safetensors_dir,
     resolve_under_root,
 )
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
-from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument
+from rpp_lightning.serving import (
+    ServiceSpec,
+    StatusError,
+    idle_limited,
+    invalid_argument,
+    quote,
+    quote_list,
+)
 
 log = logging.getLogger("rpp.generation")
 
 SERVICE_NAME = "rpp.v1.GenerationService"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+MAX_PROMPT_ID_CHARS = 1024
+"""Longest Prompt.id (generation.proto): an id labels a prompt, it is not data."""
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""A temperature below this is greedy decoding (generation.proto; vLLM draws the same line):
+logits divided by 1e-40 overflow to inf, and the softmax of inf is NaN."""
 
 
 @dataclass
@@ -49,14 +62,27 @@ class GenerationLimits:
     """Largest prompts x n of one request (bounds the memory one call can claim)."""
     weights_root: str | None = None
     """Directory under which safetensors_dir updates may load; None refuses them."""
+    update_idle_timeout_s: float = 60.0
+    """An UpdateWeights stream silent this long is dropped (DEADLINE_EXCEEDED): a stalled
+    sender must not hold a receiving slot, and the update buffers, forever."""
+    max_concurrent_updates: int = 2
+    """UpdateWeights streams received at once (each buffers up to a model's weights); more are
+    RESOURCE_EXHAUSTED. Swaps are applied one at a time whatever this is."""
 
     def validate(self) -> None:
         """Raise one ValueError listing every problem."""
         problems = [
             f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("max_new_tokens_limit", "max_batch_size", "max_samples_per_request")
+            for name in (
+                "max_new_tokens_limit",
+                "max_batch_size",
+                "max_samples_per_request",
+                "max_concurrent_updates",
+            )
             if getattr(self, name) < 1
         ]
+        if not self.update_idle_timeout_s > 0:
+            problems.append(f"update_idle_timeout_s must be > 0, got {self.update_idle_timeout_s}")
         if problems:
             raise ValueError("invalid generation limits:\n  " + "\n  ".join(problems))
 
@@ -71,7 +97,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.info = backend.info()
         self.shapes = backend.state_dict_shapes()
         self.scheduler = Scheduler(backend, self.limits.max_batch_size)
-        self._update_lock = threading.Lock()  # one update stream received at a time
+        # Streams are received side by side, so one stalled sender cannot hold up another's
+        # update; the scheduler applies the swaps one at a time, in the order they complete.
+        self._receiving = threading.BoundedSemaphore(self.limits.max_concurrent_updates)
 
     def service_spec(self) -> ServiceSpec:
         """How `GrpcServer` registers this servicer."""
@@ -134,8 +162,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         bad_stop = [t for t in s.stop_token_ids if t >= info.vocab_size]
         if bad_stop:
             raise invalid_argument(
-                f"stop_token_ids {bad_stop} are outside the vocabulary (size {info.vocab_size})"
+                f"stop_token_ids {quote_list(bad_stop)} are outside the vocabulary "
+                f"(size {info.vocab_size})"
             )
+        temperature = 0.0 if s.temperature < GREEDY_BELOW_TEMPERATURE else s.temperature
         seed = s.seed if s.HasField("seed") else secrets.randbits(63)
         rows = []
         for p, prompt in enumerate(request.prompts):
@@ -146,7 +176,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                         prompt=list(prompt.token_ids),
                         max_new_tokens=s.max_new_tokens,
                         seed=row_seed(seed, p, j),
-                        temperature=s.temperature,
+                        temperature=temperature,
                         top_p=top_p,
                         top_k=s.top_k,
                         stop_token_ids=tuple(s.stop_token_ids),
@@ -155,19 +185,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return rows
 
     def _check_prompt(self, index: int, prompt: pb.Prompt, max_new_tokens: int) -> None:
-        info = self.info
+        info, label = self.info, f"prompt {index} (id {quote(prompt.id)})"
+        if len(prompt.id) > MAX_PROMPT_ID_CHARS:
+            raise invalid_argument(
+                f"{label}: the id has {len(prompt.id)} characters; at most {MAX_PROMPT_ID_CHARS}"
+            )
         if not prompt.token_ids:
-            raise invalid_argument(f"prompt {index} (id {prompt.id!r}) is empty")
+            raise invalid_argument(f"{label} is empty")
         too_big = max(prompt.token_ids)
         if too_big >= info.vocab_size:
             raise invalid_argument(
-                f"prompt {index} (id {prompt.id!r}): token id {too_big} is outside the "
-                f"vocabulary (size {info.vocab_size})"
+                f"{label}: token id {too_big} is outside the vocabulary (size {info.vocab_size})"
             )
         if len(prompt.token_ids) + max_new_tokens > info.max_model_len:
             raise invalid_argument(
-                f"prompt {index} (id {prompt.id!r}): {len(prompt.token_ids)} prompt tokens + "
-                f"max_new_tokens {max_new_tokens} exceed the model's context {info.max_model_len}"
+                f"{label}: {len(prompt.token_ids)} prompt tokens + max_new_tokens "
+                f"{max_new_tokens} exceed the model's context {info.max_model_len}"
             )
 
     def _response(
@@ -189,31 +222,43 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     # --- UpdateWeights ----------------------------------------------------------------------
 
     def UpdateWeights(self, request_iterator, context) -> pb.UpdateWeightsResponse:
-        with self._update_lock:
-            try:
-                update = WeightsAssembler(self.shapes, self.scheduler.version).assemble(
-                    request_iterator
-                )
-            except StatusError:
-                raise
-            except Exception as exc:
-                if context.is_active():
-                    raise
-                # The client broke off the stream: nothing was applied.
-                log.warning("UpdateWeights stream broken off (%s); weights unchanged", exc)
-                raise StatusError(
-                    grpc.StatusCode.CANCELLED, "stream broken off; the old weights stay"
-                ) from exc
-            if update.safetensors_dir:
-                directory = resolve_under_root(update.safetensors_dir, self.limits.weights_root)
-                update.tensors = load_safetensors_dir(directory, self.shapes)
-                update.num_bytes = sum(t.nbytes for t in update.tensors.values())
-            if not context.is_active():  # the client gave up while we validated: do not apply
-                raise StatusError(grpc.StatusCode.CANCELLED, "call ended; the old weights stay")
-            version = self.scheduler.swap(update.tensors, update.target_version).result()
+        if not self._receiving.acquire(blocking=False):
+            raise StatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limits.max_concurrent_updates} UpdateWeights streams are being received "
+                "already; retry when one has ended",
+            )
+        try:
+            update = self._receive(request_iterator, context)
+        finally:
+            self._receiving.release()
+        if not context.is_active():  # the client gave up while we validated: do not apply
+            raise StatusError(grpc.StatusCode.CANCELLED, "call ended; the old weights stay")
+        version = self.scheduler.swap(update.tensors, update.target_version).result()
         return pb.UpdateWeightsResponse(
             weights_version=version, num_tensors=len(update.tensors), num_bytes=update.num_bytes
         )
+
+    def _receive(self, request_iterator, context) -> WeightsUpdate:
+        """The whole update of one stream, validated, in memory; nothing is applied here."""
+        messages = idle_limited(request_iterator, self.limits.update_idle_timeout_s)
+        try:
+            update = WeightsAssembler(self.shapes, self.scheduler.version).assemble(messages)
+        except StatusError:
+            raise
+        except Exception as exc:
+            if context.is_active():
+                raise
+            # The client broke off the stream: nothing was applied.
+            log.warning("UpdateWeights stream broken off (%s); weights unchanged", exc)
+            raise StatusError(
+                grpc.StatusCode.CANCELLED, "stream broken off; the old weights stay"
+            ) from exc
+        if update.safetensors_dir:
+            directory = resolve_under_root(update.safetensors_dir, self.limits.weights_root)
+            update.tensors = load_safetensors_dir(directory, self.shapes)
+            update.num_bytes = sum(t.nbytes for t in update.tensors.values())
+        return update
 
     # --- GetInfo ----------------------------------------------------------------------------
 

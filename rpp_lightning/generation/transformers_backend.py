@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -130,7 +131,9 @@ class TransformersBackend:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def generate(self, rows: list[SampleRow]) -> list[SampleResult]:
+    def generate(
+        self, rows: list[SampleRow], gone: Callable[[], Sequence[bool]] | None = None
+    ) -> list[SampleResult]:
         B, device = len(rows), self.device
         steps = max(row.max_new_tokens for row in rows)
         lengths = [len(row.prompt) for row in rows]
@@ -175,6 +178,9 @@ class TransformersBackend:
             hit_stop = (stop_ids == token[:, None]).any(-1)
             stopped.append(hit_stop & ~done)
             done = done | hit_stop | (step + 1 >= budget)
+            abandoned = gone() if gone is not None else ()
+            if any(abandoned):  # nobody reads these rows: end them, as if they had stopped
+                done = done | torch.tensor(abandoned, dtype=torch.bool, device=device)
             if step + 1 == steps or bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)

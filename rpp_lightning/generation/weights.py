@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.serving import invalid_argument
+from rpp_lightning.serving import invalid_argument, quote
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 """Tensor bytes per stream message: far below gRPC's message limit, large enough that the
@@ -130,16 +130,17 @@ class WeightsUpdate:
 def check_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], expected: ExpectedShapes):
     """INVALID_ARGUMENT unless `name` is a model tensor with this dtype and shape."""
     if name not in expected:
-        raise invalid_argument(f"unknown tensor name {name!r}: not in the model's state dict")
+        raise invalid_argument(f"unknown tensor name {quote(name)}: not in the model's state dict")
     want_dtype, want_shape = expected[name]
     if dtype != want_dtype:
         raise invalid_argument(
-            f"tensor {name!r}: dtype {dtype} does not match the model's {want_dtype} "
+            f"tensor {quote(name)}: dtype {dtype} does not match the model's {want_dtype} "
             "(cast before sending)"
         )
     if tuple(shape) != tuple(want_shape):
         raise invalid_argument(
-            f"tensor {name!r}: shape {list(shape)} does not match the model's {list(want_shape)}"
+            f"tensor {quote(name)}: shape {list(shape)} does not match the model's "
+            f"{list(want_shape)}"
         )
 
 
@@ -190,25 +191,29 @@ class WeightsAssembler:
         if name != current:
             self._finish(current, buffers, filled)
             if name in buffers:
-                raise invalid_argument(f"tensor {name!r} sent twice (chunks must be consecutive)")
+                raise invalid_argument(
+                    f"tensor {quote(name)} sent twice (chunks must be consecutive)"
+                )
             dtype = dtype_from_wire(chunk.dtype)
             if dtype is None:
-                raise invalid_argument(f"tensor {name!r}: unknown dtype enum {chunk.dtype}")
+                raise invalid_argument(f"tensor {quote(name)}: unknown dtype enum {chunk.dtype}")
             check_tensor(name, dtype, tuple(chunk.shape), self.expected)
             buffers[name] = bytearray(_nbytes(*self.expected[name]))
             filled[name] = 0
         else:
             dtype, shape = self.expected[name]
             if dtype_from_wire(chunk.dtype) != dtype or tuple(chunk.shape) != tuple(shape):
-                raise invalid_argument(f"tensor {name!r}: dtype or shape changed between chunks")
+                raise invalid_argument(
+                    f"tensor {quote(name)}: dtype or shape changed between chunks"
+                )
         buffer, data = buffers[name], chunk.data
         if chunk.offset != filled[name]:
             raise invalid_argument(
-                f"tensor {name!r}: chunk offset {chunk.offset}, expected {filled[name]}"
+                f"tensor {quote(name)}: chunk offset {chunk.offset}, expected {filled[name]}"
             )
         if chunk.offset + len(data) > len(buffer):
             raise invalid_argument(
-                f"tensor {name!r}: chunks exceed the tensor's {len(buffer)} bytes"
+                f"tensor {quote(name)}: chunks exceed the tensor's {len(buffer)} bytes"
             )
         buffer[chunk.offset : chunk.offset + len(data)] = data
         filled[name] += len(data)
@@ -218,7 +223,7 @@ class WeightsAssembler:
     def _finish(name: str | None, buffers: dict[str, bytearray], filled: dict[str, int]) -> None:
         if name is not None and filled[name] != len(buffers[name]):
             raise invalid_argument(
-                f"tensor {name!r}: received {filled[name]} of {len(buffers[name])} bytes"
+                f"tensor {quote(name)}: received {filled[name]} of {len(buffers[name])} bytes"
             )
 
     @staticmethod
@@ -249,17 +254,37 @@ def _from_bytes(buffer: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+"""Linux's limits on a path and on one name in it (PATH_MAX, NAME_MAX)."""
+
+
 def resolve_under_root(path: str, root: str | None) -> Path:
-    """`path` with symlinks and `..` resolved, if it lies under `root`; else INVALID_ARGUMENT."""
+    """`path` with symlinks and `..` resolved, if it lies under `root`; else INVALID_ARGUMENT.
+
+    Every way a client's path can fail (a NUL byte, a name or path too long, a symlink loop, a
+    directory it may not read) is INVALID_ARGUMENT naming the path, never an exception."""
     if not root:
         raise invalid_argument(
             "this server takes no safetensors_dir updates (started without --weights-root)"
         )
-    resolved, allowed = Path(path).resolve(), Path(root).resolve()
-    if not resolved.is_relative_to(allowed):
-        raise invalid_argument(f"safetensors_dir {path!r} is outside the allowed root {root!r}")
-    if not resolved.is_dir():
-        raise invalid_argument(f"safetensors_dir {path!r} is not a directory")
+    label = f"safetensors_dir {quote(path)}"
+    if "\0" in path:
+        raise invalid_argument(f"{label} contains a NUL character")
+    if len(path.encode()) > MAX_PATH_BYTES or any(
+        len(name.encode()) > MAX_NAME_BYTES for name in path.split("/")
+    ):
+        raise invalid_argument(
+            f"{label} is too long (at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per name)"
+        )
+    try:
+        resolved, allowed = Path(path).resolve(), Path(root).resolve()
+        if not resolved.is_relative_to(allowed):
+            raise invalid_argument(f"{label} is outside the allowed root {quote(root)}")
+        if not resolved.is_dir():
+            raise invalid_argument(f"{label} is not a directory")
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (<3.13)
+        raise invalid_argument(f"{label} cannot be resolved: {type(exc).__name__}") from exc
     return resolved
 
 
@@ -268,18 +293,21 @@ def load_safetensors_dir(directory: Path, expected: ExpectedShapes) -> dict[str,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(directory.glob("*.safetensors"))
+    try:
+        files = sorted(directory.glob("*.safetensors"))
+    except OSError as exc:
+        raise invalid_argument(f"cannot list {quote(str(directory))}: {exc.strerror}") from exc
     if not files:
-        raise invalid_argument(f"no *.safetensors files in {str(directory)!r}")
+        raise invalid_argument(f"no *.safetensors files in {quote(str(directory))}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             loaded = load_file(file, device="cpu")
         except (SafetensorError, OSError) as exc:
-            raise invalid_argument(f"could not read {file.name}: {exc}") from exc
+            raise invalid_argument(f"could not read {quote(file.name)}: {exc}") from exc
         for name, tensor in loaded.items():
             if name in tensors:
-                raise invalid_argument(f"tensor {name!r} appears in more than one file")
+                raise invalid_argument(f"tensor {quote(name)} appears in more than one file")
             check_tensor(name, tensor.dtype, tuple(tensor.shape), expected)
             tensors[name] = tensor
     return tensors
