@@ -45,6 +45,25 @@ def _outcome(call) -> tuple[str, int]:
         return exc.code().name, len((exc.details() or "").encode())
 
 
+def _decode_step_s(stub, prompt) -> float:
+    """Seconds of one decode step of a 64-row batch (the server's sub-batch), from the time of
+    21 steps less that of 1 (the prompt's forward and the call's own cost cancel out)."""
+    from rpp_lightning.proto import generation_pb2 as pb
+
+    def timed(tokens: int) -> tuple[float, int]:
+        # min_new_tokens does not exist: a high temperature keeps rows from stopping early
+        sampling = pb.SamplingParams(n=64, max_new_tokens=tokens, temperature=1.0, seed=3)
+        request = pb.GenerateRequest(prompts=prompt, sampling=sampling)
+        start = time.monotonic()
+        reply = stub.Generate(request, timeout=120)
+        lengths = [len(c.token_ids) for c in reply.results[0].completions]
+        return time.monotonic() - start, max(lengths)
+
+    one, _ = timed(1)
+    many, steps = timed(21)
+    return max(many - one, 1e-6) / max(steps - 1, 1)
+
+
 def run(repeat: int, work: Path) -> dict:
     from rpp_lightning.generation.weights import directory_update_requests
     from rpp_lightning.proto import generation_pb2 as pb
@@ -101,6 +120,7 @@ def run(repeat: int, work: Path) -> dict:
             start = time.monotonic()
             stub.Generate(small, timeout=60)
             small_alone_s = time.monotonic() - start
+            step_s = _decode_step_s(stub, prompt)
             with HealthProbe(generation.address) as probe:
                 status, _ = _outcome(lambda: stub.Generate(huge, timeout=3))
                 statuses[f"generation/caller_leaves/{status}"] += 1
@@ -124,6 +144,8 @@ def run(repeat: int, work: Path) -> dict:
         "health_worst_ms_max": round(1000 * max(worst_health.values()), 1),
         "next_caller_wait_after_one_left_s": round(next_caller_wait_s, 3),
         "next_caller_alone_s": round(small_alone_s, 3),
+        "decode_step_64_rows_s": round(step_s, 4),
+        "next_caller_wait_in_decode_steps": round(next_caller_wait_s / step_s, 1),
         "rss_mb": {k: round(v, 1) for k, v in rss.items()},
     }
 

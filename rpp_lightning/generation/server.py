@@ -126,13 +126,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         refusal = version_refusal(required, minimum, self.scheduler.version)
         if refusal is not None:  # fail fast; checked again when the rows run
             raise refusal
-        future = self.scheduler.submit(rows, required, context.is_active, minimum)
+        # Set when the call ends (hang-up, cancel, deadline: gRPC's callback) or when this
+        # handler stops waiting; the scheduler then drops the call's rows at the next step.
+        # Both, since gRPC's own notice can lag its deadline by a busy server's scheduling.
+        gone = threading.Event()
+        if not context.add_callback(gone.set):
+            gone.set()
+        future = self.scheduler.submit(rows, required, lambda: not gone.is_set(), minimum)
         remaining = context.time_remaining()  # a huge number when the client set no deadline
         try:
             results, version = future.result(
                 timeout=remaining if remaining is not None and remaining < 1e7 else None
             )
         except FutureTimeout:
+            gone.set()
             future.cancel()
             raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed") from None
         return self._response(request, results, version)
