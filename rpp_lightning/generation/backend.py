@@ -3,8 +3,8 @@
 The servicer validates requests and the scheduler batches them; a backend only turns a batch of
 independent sample rows into completions and swaps weights in. Two backends implement this
 protocol: `transformers_backend.TransformersBackend` (CPU and CUDA) and
-`vllm_backend.VLLMBackend` (GPU). Both run on the scheduler's one thread, so neither has to be
-thread-safe.
+`vllm_backend.VLLMBackend` (GPU, or CPU with vLLM's CPU build). Both run on the scheduler's one
+thread, so neither has to be thread-safe.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ class BackendInfo:
     vocab_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    max_temperature: float | None = None
+    """Highest temperature the engine samples at (None: no limit); higher is INVALID_ARGUMENT."""
+    whole_model_updates: bool = False
+    """True when a weight update must carry every tensor (an engine whose fused layers are
+    rebuilt from what they are given); a partial one is INVALID_ARGUMENT."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`rpp-generation-server`: serve rollouts of a policy over gRPC (rpp.v1.GenerationService).
 
     rpp-generation-server --model /models/policy --port 50051                # transformers, CPU/GPU
-    rpp-generation-server --backend vllm --model /models/policy --port 50051 # vLLM, GPU
+    rpp-generation-server --backend vllm --model /models/policy --port 50051 # vLLM, GPU or CPU
     rpp-generation-server --model /models/policy --weights-root /shared/ckpt # allow dir updates
 
 Prints `listening on HOST:PORT` once serving; SIGTERM drains in-flight calls, then exits.
@@ -32,13 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     model.add_argument("--model", required=True, help="local directory of a Hugging Face causal LM")
-    model.add_argument("--device", default="auto", help="transformers: auto, cpu, cuda, cuda:1")
+    model.add_argument(
+        "--device",
+        default="auto",
+        help="transformers: auto, cpu, cuda, cuda:1; vllm: auto or the vLLM build's (cpu, cuda)",
+    )
     model.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"
     )
     model.add_argument("--max-model-len", type=int, help="vllm: context length to reserve")
     model.add_argument(
         "--gpu-memory-utilization", type=float, default=0.85, help="vllm: GPU memory fraction"
+    )
+    model.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="vllm: KV cache size in GiB (default: by --gpu-memory-utilization on GPU, "
+        "1 GiB on CPU)",
+    )
+    model.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        help="vllm: no CUDA graphs or torch.compile (default: eager on CPU only)",
     )
     gen = parser.add_argument_group("generation limits")
     gen.add_argument("--max-new-tokens-limit", type=int, default=limits.max_new_tokens_limit)
@@ -72,9 +87,12 @@ def build_backend(args: argparse.Namespace):
             VLLMConfig(
                 model=args.model,
                 dtype=args.dtype,
+                device=args.device,
                 max_model_len=args.max_model_len,
                 gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_gib=args.kv_cache_gib,
                 max_num_seqs=args.max_batch_size,
+                enforce_eager=args.enforce_eager,
             )
         )
     from rpp_lightning.generation.transformers_backend import TransformersBackend

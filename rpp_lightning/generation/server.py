@@ -172,6 +172,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 f"stop_token_ids {quote_list(bad_stop)} are outside the vocabulary "
                 f"(size {info.vocab_size})"
             )
+        if info.max_temperature is not None and s.temperature > info.max_temperature:
+            raise invalid_argument(
+                f"sampling.temperature {s.temperature:g}: the {info.backend} backend samples at "
+                f"temperatures up to {info.max_temperature:g}"
+            )
         temperature = 0.0 if s.temperature < GREEDY_BELOW_TEMPERATURE else s.temperature
         seed = s.seed if s.HasField("seed") else secrets.randbits(63)
         rows = []
@@ -265,6 +270,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             directory = resolve_under_root(update.safetensors_dir, self.limits.weights_root)
             update.tensors = load_safetensors_dir(directory, self.shapes)
             update.num_bytes = sum(t.nbytes for t in update.tensors.values())
+        missing = sorted(self.shapes.keys() - update.tensors.keys())
+        if self.info.whole_model_updates and missing:
+            raise invalid_argument(
+                f"the {self.info.backend} backend takes whole-model updates; {len(missing)} of "
+                f"{len(self.shapes)} tensors are missing, e.g. {quote_list(missing, 3)}; the old "
+                "weights stay"
+            )
         return update
 
     # --- GetInfo ----------------------------------------------------------------------------
