@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import grpc
 
 from reward_servers.base import SampleInput, Verifier, serving_call
-from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+from rpp_lightning.proto import REWARD_SERVICE, reward_pb2, reward_pb2_grpc
 from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument, quote
 
 log = logging.getLogger("rpp.reward")
 
-SERVICE_NAME = "rpp.v1.RewardService"
 _NO_DEADLINE_S = 10**7
 _MAX_IDS_IN_MESSAGE = 5  # error messages name this many ids, then "... and N more"
 
@@ -59,7 +58,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def spec(self) -> ServiceSpec:
         """How `GrpcServer` registers this servicer."""
-        return ServiceSpec(self, reward_pb2_grpc.add_RewardServiceServicer_to_server, SERVICE_NAME)
+        return ServiceSpec(
+            self, reward_pb2_grpc.add_RewardServiceServicer_to_server, REWARD_SERVICE
+        )
 
     def validate(self, request: reward_pb2.ScoreRequest) -> list[SampleInput]:
         """Decode the request, or raise INVALID_ARGUMENT listing every problem with sample ids."""

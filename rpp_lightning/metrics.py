@@ -10,60 +10,14 @@ from __future__ import annotations
 
 import resource
 import statistics
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from rpp_lightning.algorithms import masked_mean
 from rpp_lightning.experience import Experience
+from rpp_lightning.experience_maker import IterationExperience
 from rpp_lightning.rewards import RewardBatch
-
-if TYPE_CHECKING:  # rollout.py imports this module
-    from rpp_lightning.rollout import IterationExperience
-
-
-class BusyClock:
-    """When generation calls were in flight, to tell how long the servers had nothing to do."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spans: list[list[float]] = []  # [start, end]; end is inf while running
-
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        span = [time.perf_counter(), float("inf")]
-        with self._lock:
-            self._spans.append(span)
-        try:
-            yield
-        finally:
-            span[1] = time.perf_counter()
-
-    def idle_between(self, start: float, end: float) -> float:
-        """Seconds of [start, end] with no call in flight; forgets calls that ended before."""
-        with self._lock:
-            self._spans = [s for s in self._spans if s[1] > start]
-            spans = sorted((max(s[0], start), min(s[1], end)) for s in self._spans)
-        busy, reached = 0.0, start
-        for span_start, span_end in spans:
-            span_start = max(span_start, reached)
-            if span_end > span_start:
-                busy += span_end - span_start
-                reached = span_end
-        return max(0.0, end - start - busy)
-
-
-@contextmanager
-def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Record the wall time of the block as `timings[phase]` (seconds)."""
-    start = time.perf_counter()
-    yield
-    timings[phase] = time.perf_counter() - start
 
 
 def rollout_metrics(
@@ -121,27 +75,48 @@ def iteration_metrics(
     return metrics
 
 
+def staleness_metrics(rollouts: list, trained_by: int, refused: int) -> dict[str, float]:
+    """Staleness of the rollouts against `trained_by`, the version the update started from, and
+    how many were refused as too old on the way (algorithm.md §9)."""
+    ages = [trained_by - r.weights_version for r in rollouts]
+    return {
+        "staleness": sum(ages) / len(ages),
+        "staleness/max": float(max(ages)),
+        "staleness/refused": float(refused),
+    }
+
+
 def update_metrics(steps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Means over the optimizer steps of one iteration (loss, clip fraction, grad norm...)."""
     keys = steps[0].keys() if steps else []
     return {key: statistics.fmean(float(step[key]) for step in steps) for key in keys}
 
 
+MIN_OVER_RANKS = frozenset({"weights_version/rollouts"})
+"""Metrics whose global value is the smallest over the ranks: the oldest weights that sampled
+any rollout of the batch. (Ranks ask for their shares apart, so with max_staleness a push can
+land between two ranks' requests, and their batches are of two versions.)"""
+
+
 def reduce_metrics(
     metrics: dict[str, float | None], group: dist.ProcessGroup | None, device: torch.device
 ) -> dict[str, float]:
     """Global values of per-rank metrics: means over the ranks where a metric is defined,
-    maxima for keys ending in "/max". Metrics undefined on every rank are dropped."""
+    maxima for keys ending in "/max", minima for MIN_OVER_RANKS. Metrics undefined on every
+    rank are dropped."""
     keys = sorted(metrics)  # the same keys on every rank (see rollout_metrics)
     values = torch.tensor([metrics[k] if metrics[k] is not None else 0.0 for k in keys])
     defined = torch.tensor([float(metrics[k] is not None) for k in keys])
     if group is not None:
-        is_max = torch.tensor([k.endswith("/max") for k in keys], device=device)
+        is_max = torch.tensor([k.endswith("/max") for k in keys])
+        is_min = torch.tensor([k in MIN_OVER_RANKS for k in keys])
         sums = torch.stack([values * defined, defined]).to(device)  # (2, K)
-        maxima = torch.where(defined.bool(), values, float("-inf")).to(device)  # (K,)
+        # one MAX all-reduce gives both: the maxima, and the minima as maxima of negatives
+        signed = torch.where(is_min, -values, values)
+        extrema = torch.where(defined.bool(), signed, float("-inf")).to(device)  # (K,)
         dist.all_reduce(sums, group=group)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-        means = sums[0] / sums[1].clamp(min=1)
-        values = torch.where(is_max, maxima, means).cpu()
+        dist.all_reduce(extrema, op=dist.ReduceOp.MAX, group=group)
+        means, extrema = (sums[0] / sums[1].clamp(min=1)).cpu(), extrema.cpu()
+        values = torch.where(is_max, extrema, torch.where(is_min, -extrema, means))
         defined = (sums[1] > 0).float().cpu()
     return {k: v for k, v, ok in zip(keys, values.tolist(), defined.tolist(), strict=True) if ok}

@@ -1,16 +1,24 @@
 """REINFORCE++ as a LightningModule: one training step = one iteration of algorithm.md §6.
 
-    generate (generation servers) → score (reward servers) while log π_old, log π_ref (here,
-    sharded) → shape rewards, advantages (globally normalised) → epochs × mini-batches of
-    PPO-clip updates → push the new weights to every generation server as version v+1
+    rollouts (scored on the reward servers in the background) → log π_old, log π_ref (sharded)
+    → shaped rewards, advantages → PPO-clip updates → push the new weights as version v+1
 
-The math lives in `rpp_lightning.algorithms`, the experience in `rollout`, the update in
-`update`, the model plumbing in `policy`, the wire clients in `generation.client` and `rewards`;
-this module only orchestrates them.
+It holds its parts, plain objects built with what they need and each tested alone:
+
+    servers          TrainerServers   the tokenizer, the clients, the servers started here
+    weight_sync      WeightSync       the version served; pushes; copies of older weights
+    rollout_source   RolloutSource    each iteration's rollouts (sampled now or asked for
+                                      ahead), their scoring, generation's fault handling
+    experience       ExperienceMaker  log-probs, values, reward normalisation, advantages
+    evaluator        Evaluator        greedy held-out evaluation
+
+and owns what is Lightning's: hooks, optimizers and the update, checkpoints, logging, and the
+stop on a server failure (faults.py). The math lives in `rpp_lightning.algorithms`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
@@ -33,23 +41,24 @@ from rpp_lightning.config import (
     RewardSource,
     RolloutConfig,
 )
-from rpp_lightning.critic import load_critic, load_sharded_critic
 from rpp_lightning.data import PromptDataModule, PromptRow
-from rpp_lightning.evaluation import HeldOutEvaluation
-from rpp_lightning.faults import ServerFailure, SurvivesServerFaults
-from rpp_lightning.metrics import iteration_metrics, reduce_metrics, timed, update_metrics
-from rpp_lightning.pipeline import OverlapsRollouts, RolloutPipeline
-from rpp_lightning.policy import (
-    export_hf,
-    full_state_dict,
-    load_causal_lm,
-    load_sharded_causal_lm,
+from rpp_lightning.evaluation import Evaluator, accuracy, summed_over_ranks
+from rpp_lightning.experience_maker import ExperienceMaker, IterationExperience
+from rpp_lightning.faults import ServerFailure, stop_for_server_failure
+from rpp_lightning.metrics import (
+    iteration_metrics,
+    reduce_metrics,
+    staleness_metrics,
+    update_metrics,
 )
+from rpp_lightning.models import Models, leave_reference_out_of_checkpoints, load_models
+from rpp_lightning.policy import export_hf, full_state_dict, save_causal_lm
 from rpp_lightning.replicas import FailurePolicy
 from rpp_lightning.rewards import check_routes
-from rpp_lightning.rollout import ExperienceMaker, IterationExperience
+from rpp_lightning.rollout_source import RolloutSource
 from rpp_lightning.servers import TrainerServers
 from rpp_lightning.strategy import data_parallel_group
+from rpp_lightning.timing import timed
 from rpp_lightning.update import (
     PolicyUpdateConfig,
     build_optimizer,
@@ -57,10 +66,10 @@ from rpp_lightning.update import (
     critic_update,
     policy_update,
 )
+from rpp_lightning.weight_sync import WeightSync
 
 log = logging.getLogger("rpp.train")
 PROGRESS_BAR_KEYS = ("reward", "accuracy", "kl", "response_length")
-REFERENCE_PREFIX = "reference."  # the frozen reference model's keys (never checkpointed)
 
 # Warnings about what this module does on purpose, printed on every run; matched narrowly.
 for _intended in (
@@ -72,7 +81,7 @@ for _intended in (
     warnings.filterwarnings("ignore", message=_intended)
 
 
-class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.LightningModule):
+class ReinforcePP(pl.LightningModule):
     """Trains a causal LM with REINFORCE++ against remote generation and reward servers."""
 
     def __init__(
@@ -140,22 +149,19 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         self.critic: torch.nn.Module | None = None  # ppo only
         self.failure_policy = failure_policy or FailurePolicy()
         self.failure_policy.validate()
-        self.servers = TrainerServers(policy, generation, rewards, self.failure_policy)
-        self.experience = ExperienceMaker(
-            self.servers, self.rollout, self.algorithm, self.estimator
+        save_initial = functools.partial(save_causal_lm, policy)
+        self.servers = TrainerServers(
+            policy, generation, rewards, self.failure_policy, save_initial
         )
-        staleness = self.rollout.max_staleness
-        self.pipeline = RolloutPipeline(self.experience, staleness) if staleness else None
-        self.refused_rollouts = 0  # refused as too old in this iteration (pipeline.py)
-        self.weights_version = 0  # version of the weights the generation servers serve
+        self.weight_sync = WeightSync(self.servers, self.rollout.max_staleness)
+        self.experience = ExperienceMaker(self.rollout, self.algorithm, self.estimator)
+        self.evaluator = Evaluator(self.servers, self.eval_max_new_tokens)
+        self.rollout_source: RolloutSource | None = None  # built once the policy exists
         self.iteration = 0
-        self._synced = False
+        self._val_sums: torch.Tensor | None = None
         self._export_requested = False
         self._previous_step_start: float | None = None
-        # The frozen reference is rebuilt from its path in configure_model, so checkpoints leave
-        # it out: with Adam they hold three copies of the weights instead of four.
-        self.register_state_dict_post_hook(_drop_reference_weights)
-        self.register_load_state_dict_post_hook(_reference_weights_not_expected)
+        leave_reference_out_of_checkpoints(self)
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -164,42 +170,22 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         if isinstance(data, PromptDataModule):
             check_routes(self.servers.reward_sources, data.train_rows, data.hparams.train_path)
             check_routes(self.servers.reward_sources, data.val_rows, "held-out prompts")
-        elif self.pipeline is not None:
+        elif self.rollout.max_staleness:
             raise ValueError(
                 "rollout.max_staleness >= 1 asks for the batches of later iterations ahead, "
                 "which needs rpp_lightning.data.PromptDataModule as the datamodule"
             )
         self.servers.start(self.trainer.strategy)
+        self.weight_sync.connect(self.trainer.strategy)
 
     def configure_model(self) -> None:
         if self.policy is not None:  # configure_model may run once per stage
             return
-        mesh = self.device_mesh
-        mixed = self.policy_config.mixed_precision
-        if mesh is None:
-            if mixed:
-                raise ValueError(
-                    "policy.mixed_precision is FSDP2's: add --trainer.strategy fsdp2 "
-                    "(it also runs with --trainer.devices 1)"
-                )
-            self.policy = load_causal_lm(self.policy_config)
-            if self.algorithm.uses_reference:
-                self.reference = load_causal_lm(self.policy_config, reference=True)
-            if self.critic_config is not None:
-                self.critic = load_critic(self.critic_config, self.policy_config)
-            return
-        # FSDP2: rank 0 reads the weights, the other ranks receive their shards (policy.py)
-        dp_mesh = mesh["data_parallel"]
-        if mixed is None:
-            mixed = dp_mesh.device_type == "cuda"
-        device, config = self.trainer.strategy.root_device, self.policy_config
-        self.policy = load_sharded_causal_lm(config, dp_mesh, device, False, mixed)
-        if self.algorithm.uses_reference:
-            self.reference = load_sharded_causal_lm(config, dp_mesh, device, True, mixed)
-        if self.critic_config is not None:  # the policy's plan, rank-0 load and precision
-            self.critic = load_sharded_critic(
-                self.critic_config, self.policy_config, dp_mesh, device, mixed
-            )
+        mesh = self.device_mesh  # FSDP2's, or None in one process
+        device = self.trainer.strategy.root_device if mesh is not None else None
+        self.policy, self.reference, self.critic = load_models(
+            self.policy_config, self.algorithm.uses_reference, self.critic_config, mesh, device
+        )
 
     def configure_optimizers(self):
         iterations = self.rollout.max_iterations
@@ -219,17 +205,48 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         # walks every field of every row for nothing (~1 ms a tiny-config step, profiled).
         return batch
 
-    def on_validation_start(self) -> None:
-        self._ensure_synced()
-        self._previous_step_start = None  # time/previous_iteration leaves evaluation out
-
     def on_train_start(self) -> None:
         # `kill -USR1 <pid of rank 0>` exports the policy after the current iteration
         if self.global_rank == 0 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR1, self._on_export_signal)
-        self._ensure_synced()
+        if self.rollout_source is None:  # the policy exists now: a re-push can gather it
+            data = self.trainer.datamodule
+            self.rollout_source = RolloutSource(
+                self.servers, self.rollout, self.seed, self.global_rank, self.device,
+                push_again=functools.partial(self.weight_sync.push_again, self.policy),
+                batch_of=data.train_batch if self.rollout.max_staleness else None,
+            )  # fmt: skip
+        self.weight_sync.ensure_synced(self.policy)
         if self.evaluate_before_after and self.accuracy_before is None:
             self.accuracy_before = self.evaluate()
+
+    # ---- held-out evaluation (evaluation.py) ------------------------------------------------
+
+    def evaluate(self) -> float | None:
+        """Held-out accuracy of the current policy (outside Lightning's validation loop)."""
+        self.weight_sync.ensure_synced(self.policy)
+        batches = self.trainer.datamodule.val_dataloader()
+        return accuracy(self.evaluator.sums(batches, self.weight_sync.version, self.device))
+
+    def on_validation_start(self) -> None:
+        self.weight_sync.ensure_synced(self.policy)
+        self._previous_step_start = None  # time/previous_iteration leaves evaluation out
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: list[PromptRow], batch_idx: int) -> None:
+        self._val_sums += self.evaluator.batch_sums(batch, self.weight_sync.version, self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        reward_sum, correct, verified, samples = summed_over_ranks(self._val_sums).tolist()
+        # the sums are the same on every rank now; sync_dist only keeps Lightning's epoch-level
+        # bookkeeping consistent across ranks
+        self.log("val/reward", reward_sum / max(samples, 1), batch_size=1, sync_dist=True)
+        if verified:
+            self.log(
+                "val/accuracy", correct / verified, prog_bar=True, batch_size=1, sync_dist=True
+            )
 
     # ---- one iteration ----------------------------------------------------------------------
 
@@ -268,44 +285,51 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         return config is not None and self.iteration < config.warmup_iterations
 
     def training_step(self, batch: list[PromptRow], batch_idx: int) -> None:
-        timings: dict[str, float] = {}
-        step_start = time.perf_counter()
-        if self._previous_step_start is not None:
-            # the whole previous iteration, its logging and Lightning's loop included
-            timings["previous_iteration"] = step_start - self._previous_step_start
-        self._previous_step_start = step_start
-        rollouts, scoring, background = self._rollouts_for(batch, timings)
+        timings, step_start = self._start_timing()
         try:
-            made = self.experience.make(
-                batch, rollouts, self.policy, self.reference, timings, self.critic, scoring,
-                self.weights_version,
-            )  # fmt: skip
+            got = self.rollout_source.get(self.iteration, batch, self.weight_sync.version, timings)
+            made = self.experience.make(got, self._models(), timings)
         except ServerFailure as exc:  # every rank raised it: nothing trained on this batch
-            self._stop_for_server_failure(f"scoring failed: {exc}")
-        trained_by = self.weights_version  # the version the update starts from
+            stop_for_server_failure(self.trainer, self.iteration, str(exc))
+        trained_by = self.weight_sync.version  # the version the update starts from
         with timed(timings, "update"):
             if not self._critic_warming_up():
-                self._keep_weights_before_update()
+                self.weight_sync.keep_before_update(self.policy)
             steps, critic_steps = self._update(made)
         _, schedulers = self._optimizers_and_schedulers()
         for scheduler in schedulers:
             scheduler.step()
         if steps:  # a critic warm-up iteration leaves the policy as it was: nothing to push
             with timed(timings, "weight_sync"):
-                self._push_after_update()
-        self._forget_weights_out_of_reach()
+                self.weight_sync.push_after_update(self.policy)
+        self.weight_sync.forget_out_of_reach()
         step_end = time.perf_counter()
         timings["step"] = step_end - step_start
-        timings["generation_idle"] = self.experience.generation_busy.idle_between(
-            step_start, step_end
-        )
-        timings.update({k: v for k, v in background.items() if k not in timings})
+        timings["generation_idle"] = self.rollout_source.generation_idle(step_start, step_end)
+        timings.update({k: v for k, v in got.background.items() if k not in timings})
         metrics = iteration_metrics(made, steps, timings, self.rollout.max_new_tokens)
         metrics.update(update_metrics(critic_steps))
-        metrics.update(self._staleness_metrics(rollouts, trained_by))
-        metrics["weights_version"] = float(self.weights_version)
+        metrics.update(staleness_metrics(got.rollouts, trained_by, got.refused))
+        metrics["weights_version"] = float(self.weight_sync.version)
         metrics["lr"] = schedulers[0].get_last_lr()[0]
         self._log_metrics(metrics)
+        self._end_iteration()
+
+    def _start_timing(self) -> tuple[dict[str, float], float]:
+        """This iteration's phase times, with the whole previous iteration (its logging and
+        Lightning's loop included), and the time it started."""
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        if self._previous_step_start is not None:
+            timings["previous_iteration"] = step_start - self._previous_step_start
+        self._previous_step_start = step_start
+        return timings, step_start
+
+    def _models(self) -> Models:
+        weights = self.weight_sync
+        return Models(self.policy, weights.version, self.reference, self.critic, weights.snapshots)
+
+    def _end_iteration(self) -> None:
         if self._is_last_iteration():
             self.trainer.should_stop = True
         self.iteration += 1
@@ -367,7 +391,7 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rpp"] = {
-            "weights_version": self.weights_version,
+            "weights_version": self.weight_sync.version,
             "iteration": self.iteration,
             "accuracy_before": self.accuracy_before,
             "running_reward": self.experience.running_reward.state_dict(),
@@ -381,28 +405,17 @@ class ReinforcePP(HeldOutEvaluation, SurvivesServerFaults, OverlapsRollouts, pl.
         state = checkpoint.get("rpp")
         if state is None:
             return
-        self.weights_version = state["weights_version"]
+        self.weight_sync.restore(state["weights_version"])  # pushed again before it is used
         self.iteration = state["iteration"]
         self.accuracy_before = state.get("accuracy_before")
         self.experience.running_reward.load_state_dict(state["running_reward"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        self._synced = False
         # nothing was asked for ahead by this process, and batches asked for before the save
         # are not in the checkpoint: the first iteration after a resume generates synchronously
 
     def teardown(self, stage: str) -> None:
-        if self.pipeline is not None:
-            self.pipeline.close()
-        self.experience.close()
+        if self.rollout_source is not None:
+            self.rollout_source.close()
+            self.rollout_source = None
         self.servers.stop()
-
-
-def _drop_reference_weights(module, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + REFERENCE_PREFIX)]:
-        del state_dict[key]
-
-
-def _reference_weights_not_expected(module, incompatible_keys) -> None:
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(REFERENCE_PREFIX)]

@@ -21,12 +21,11 @@ its first batch synchronously; batches in flight when a run ends are cancelled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rpp_lightning.data import PromptRow
-from rpp_lightning.metrics import timed
-from rpp_lightning.rollout import ExperienceMaker, RolloutStep
 
 log = logging.getLogger("rpp.pipeline")
 
@@ -49,28 +48,27 @@ class PendingBatch:
     timings: dict[str, float] = field(default_factory=dict)  # generate, score: the background's
 
 
-class RolloutPipeline:
-    """Asks for the batches of later iterations in the background and hands them over."""
+Work = Callable[[dict[str, float]], tuple[list, Future]]
+"""Samples, then starts scoring, one batch; phase times land in the dict it is given."""
 
-    def __init__(self, experience: ExperienceMaker, max_staleness: int) -> None:
+
+class RolloutPipeline:
+    """Runs the work of the batches of later iterations in the background and hands them over:
+    the bookkeeping of `RolloutSource` (rollout_source.py), which says what the work is."""
+
+    def __init__(self, max_staleness: int) -> None:
         if max_staleness < 1:
             raise ValueError(f"a pipeline needs max_staleness >= 1, got {max_staleness}")
-        self.experience, self.max_staleness = experience, max_staleness
+        self.max_staleness = max_staleness
         self._pending: dict[int, PendingBatch] = {}
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="rpp-rollouts")
 
-    def ask(self, iteration: int, rows: list[PromptRow], step: RolloutStep) -> None:
-        """Start sampling (then scoring) `rows` for `iteration`, unless already asked for.
-        `step.weights_version` is the oldest version accepted."""
+    def ask(self, iteration: int, rows: list[PromptRow], work: Work) -> None:
+        """Start `work` (sampling, then scoring, `rows`) for `iteration`, unless already asked."""
         if iteration in self._pending:
             return
         pending = PendingBatch(iteration, [row.prompt_ids for row in rows], Future())
-
-        def work() -> tuple[list, Future]:
-            rollouts = self.experience.generate(rows, step, pending.timings, at_least=True)
-            return rollouts, self.experience.start_scoring(rows, rollouts, pending.timings)
-
-        pending.future = self._worker.submit(work)
+        pending.future = self._worker.submit(work, pending.timings)
         self._pending[iteration] = pending
 
     def take(self, iteration: int, rows: list[PromptRow]) -> PendingBatch | None:
@@ -110,60 +108,3 @@ class RolloutPipeline:
             pending.future.cancel()
         self._pending.clear()
         self._worker.shutdown(wait=False, cancel_futures=True)
-
-
-class OverlapsRollouts:
-    """ReinforcePP's side of the pipeline (a mixin): which rollouts an iteration trains on, what
-    it asks for ahead, and the weight copies that give their log π_behav (behaviour.py)."""
-
-    def _rollouts_for(
-        self, batch: list[PromptRow], timings: dict
-    ) -> tuple[list, Future | None, dict[str, float]]:
-        """This iteration's rollouts, asked for ahead or generated now (faults.py checks them),
-        their scoring if it has started, and the background's phase times (its generate and
-        score, written by the time the scoring is done); then ask for the batches ahead."""
-        pending = self.pipeline.take(self.iteration, batch) if self.pipeline else None
-        self.refused_rollouts = 0
-        with timed(timings, "rollout_wait"):
-            rollouts, scoring = self._generate_on_current_weights(
-                batch, self._rollout_step(self.iteration, batch), timings, pending
-            )
-        self._ask_ahead()
-        return rollouts, scoring, pending.timings if pending is not None else {}
-
-    def _ask_ahead(self) -> None:
-        """Ask for the batches of the next max_staleness iterations, sampled by the version the
-        servers serve now or a newer one."""
-        if self.pipeline is None:
-            return
-        data = self.trainer.datamodule
-        last = min(self.iteration + self.rollout.max_staleness, self.rollout.max_iterations - 1)
-        for iteration in range(self.iteration + 1, last + 1):
-            rows = data.train_batch(iteration)
-            self.pipeline.ask(iteration, rows, self._rollout_step(iteration, rows))
-
-    def _rollout_step(self, iteration: int, rows: list[PromptRow]) -> RolloutStep:
-        return RolloutStep(
-            seed=self.seed * 1_000_003 + iteration,
-            weights_version=self.weights_version,
-            prompt_offset=self.global_rank * len(rows),  # rank r holds the r-th block
-        )
-
-    def _keep_weights_before_update(self) -> None:
-        """Copy the weights of the version being served, for the batches asked for ahead."""
-        if self.pipeline is not None:
-            self.experience.snapshots.take(self.policy, self.weights_version)
-
-    def _forget_weights_out_of_reach(self) -> None:
-        """Drop the copies no rollout within max_staleness of the trainer can need."""
-        if self.pipeline is not None:
-            self.experience.snapshots.keep_from(self.weights_version - self.rollout.max_staleness)
-
-    def _staleness_metrics(self, rollouts: list, trained_by: int) -> dict[str, float]:
-        """Staleness of the rollouts against `trained_by`, the version the update started from."""
-        ages = [trained_by - r.weights_version for r in rollouts]
-        return {
-            "staleness": sum(ages) / len(ages),
-            "staleness/max": float(max(ages)),
-            "staleness/refused": float(self.refused_rollouts),
-        }

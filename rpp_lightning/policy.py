@@ -36,6 +36,12 @@ def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:
     return _for_training(model, config, reference)
 
 
+def save_causal_lm(config: PolicyConfig, directory: str) -> None:
+    """Write the policy `config` describes to `directory` (`save_pretrained`): what a local
+    generation server starts from when the policy comes from a transformers config."""
+    load_causal_lm(config).save_pretrained(directory)
+
+
 def _weights_path(config: PolicyConfig, reference: bool) -> str | None:
     config.validate()
     return config.reference_path if reference and config.reference_path else config.path

@@ -19,11 +19,10 @@ import grpc
 
 from rpp_lightning.channels import start_calls
 from rpp_lightning.config import RewardSource
-from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
+from rpp_lightning.proto import REWARD_SERVICE, reward_pb2, reward_pb2_grpc
 from rpp_lightning.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError, describe
 from rpp_lightning.serving import server_seconds
 
-_SERVICE = "rpp.v1.RewardService"
 _CHUNK = 128  # samples per Score call: chunks run in parallel across replicas
 
 
@@ -72,7 +71,11 @@ class RewardClient:
         self.sources = list(sources)
         self._replicas = [
             ReplicaSet(
-                f"reward source {s.name!r}", s, reward_pb2_grpc.RewardServiceStub, _SERVICE, policy
+                f"reward source {s.name!r}",
+                s,
+                reward_pb2_grpc.RewardServiceStub,
+                REWARD_SERVICE,
+                policy,
             )
             for s in self.sources
         ]

@@ -3,23 +3,28 @@
 With `local: true` in the config, global rank 0 starts the servers as child processes on free
 loopback ports (single-node runs) and broadcasts their addresses, so every rank talks to them.
 Otherwise the addresses in the config point at separately deployed servers.
+
+What the trainer asks of them lives with the part that asks: rollouts and their scoring in
+rollout_source.py, weight pushes in weight_sync.py, greedy evaluation in evaluation.py.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 
+import torch
+from lightning.pytorch.strategies import Strategy
+
 from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
+from rpp_lightning.generation.client import GenerationClient
 from rpp_lightning.local_servers import ChildServer, generation_server_argv, reward_server_argv
 from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.rewards import RewardBatch, RewardClient, RewardQuery
+from rpp_lightning.rewards import RewardClient
 
 log = logging.getLogger("rpp.servers")
-
-EMPTY_RESPONSE_REWARD = 0.0
-"""Reward of a response with no text (e.g. only EOS): reward servers refuse empty responses."""
 
 
 class TrainerServers:
@@ -31,16 +36,20 @@ class TrainerServers:
         generation: GenerationEndpoint,
         rewards: list[RewardSource],
         failure_policy: FailurePolicy | None = None,
+        save_initial_policy: Callable[[str], None] | None = None,
     ) -> None:
+        """`save_initial_policy(directory)` writes the policy a local generation server starts
+        from when `policy` has no `path` (a policy built from a config)."""
         if not rewards:
             raise ValueError("at least one reward source is required")
+        self.save_initial_policy = save_initial_policy
         self.failure_policy = failure_policy or FailurePolicy()
         self.policy_config = policy
         self.generation_endpoint = generation
         self.reward_sources = list(rewards)
         self.children: list[ChildServer] = []
         self.tokenizer = None
-        self.generation = None
+        self.generation: GenerationClient | None = None
         self.rewards: RewardClient | None = None
         self.has_verifier = False
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -50,10 +59,10 @@ class TrainerServers:
         # is saved once here (the trainer pushes its own weights before the first rollout).
         if self.policy_config.path is not None:
             return self.policy_config.path
-        from rpp_lightning.policy import load_causal_lm
-
+        if self.save_initial_policy is None:
+            raise ValueError("a local generation server needs policy.path or save_initial_policy")
         self._tmp = tempfile.TemporaryDirectory(prefix="rpp-init-policy-")
-        load_causal_lm(self.policy_config).save_pretrained(self._tmp.name)
+        self.save_initial_policy(self._tmp.name)
         self.tokenizer.save_pretrained(self._tmp.name)
         return self._tmp.name
 
@@ -74,11 +83,9 @@ class TrainerServers:
             child.wait_ready()
         return {name: [child.address] for name, child in started.items()}
 
-    def start(self, strategy) -> None:
+    def start(self, strategy: Strategy) -> None:
         """Start local servers on rank 0, share their addresses, connect every rank's clients."""
-        from transformers import AutoTokenizer
-
-        from rpp_lightning.generation.client import GenerationClient
+        from transformers import AutoTokenizer  # slow to import: when first used, as elsewhere
 
         if self.generation is not None:
             return
@@ -123,10 +130,8 @@ class TrainerServers:
         # accuracy; without one, accuracy is undefined and is not logged.
         self.has_verifier = any(info.kind == "verifier" for info in self.rewards.info())
 
-    def push_dtype(self, device_type: str):
+    def push_dtype(self, device_type: str) -> torch.dtype:
         """The dtype the generation servers serve (see GenerationEndpoint.push_dtype)."""
-        import torch
-
         name = self.generation_endpoint.push_dtype
         if name == "auto":
             return torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -135,44 +140,6 @@ class TrainerServers:
     def served_version(self) -> int:
         """Highest weights version any generation replica serves now."""
         return max(info.weights_version for info in self.generation.server_info())
-
-    def score(self, rows, rollouts, n_samples: int) -> RewardBatch:
-        """Rewards of prompt-major rollouts (`rollouts[k*n + j]` answers `rows[k]`)."""
-        texts = self.tokenizer.batch_decode(
-            [r.token_ids for r in rollouts], skip_special_tokens=True
-        )
-        queries, scored = [], []
-        for index, text in enumerate(texts):
-            if text.strip():
-                row = rows[index // n_samples]
-                queries.append(RewardQuery(row.prompt, text, row.reference, row.metadata))
-                scored.append(index)
-        batch = self.rewards.score(queries) if queries else None
-        total = [EMPTY_RESPONSE_REWARD] * len(texts)
-        per_source = {s.name: [None] * len(texts) for s in self.reward_sources}
-        empty_verdict = False if self.has_verifier else None
-        correct: list[bool | None] = [empty_verdict if not t.strip() else None for t in texts]
-        infos: list[dict[str, str]] = [{} for _ in texts]
-        if batch is not None:
-            for position, index in enumerate(scored):
-                total[index] = batch.total[position]
-                correct[index] = batch.correct[position]
-                infos[index] = batch.infos[position]
-                for name, values in batch.per_source.items():
-                    per_source[name][index] = values[position]
-        return RewardBatch(total=total, per_source=per_source, correct=correct, infos=infos)
-
-    def evaluate(self, rows, max_new_tokens: int, version: int) -> list[float]:
-        """Greedy responses to `rows`, scored: [reward sum, correct, verified, samples]."""
-        from rpp_lightning.generation.client import SamplingConfig
-
-        greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        rollouts = self.generation.generate(
-            [row.prompt_ids for row in rows], greedy, expected_version=version
-        )
-        rewards = self.score(rows, rollouts, 1)
-        verdicts = [c for c in rewards.correct if c is not None]
-        return [sum(rewards.total), sum(verdicts), len(verdicts), len(rows)]
 
     def stop(self) -> None:
         if self.rewards is not None:

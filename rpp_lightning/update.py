@@ -39,7 +39,7 @@ def single_forward_update(algorithm: AlgorithmConfig, rows: int) -> bool:
     forward that gives log π_old can carry its graph into the update instead of being run twice
     (what TRL does with one iteration per batch): the same numbers, one forward fewer. Only for
     rollouts of the current weights: with older ones (`rollout.max_staleness`), π_old is the
-    policy that sampled them, not π_θ (rollout.py decides)."""
+    policy that sampled them, not π_θ (experience_maker.py decides)."""
     return (
         algorithm.epochs == 1 and min(algorithm.mini_batch_size, algorithm.micro_batch_size) >= rows
     )

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from rpp_lightning.generation.backend import Backend, row_seed
+from rpp_lightning.generation.backend import Backend
+from rpp_lightning.generation.seeds import row_seed
 from rpp_lightning.generation.server import GenerationLimits, GenerationServicer
 from rpp_lightning.generation.transformers_backend import TransformersBackend, row_uniforms
 from rpp_lightning.proto import generation_pb2 as pb

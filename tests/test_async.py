@@ -1,40 +1,43 @@
 """Asynchronous rollouts (`rollout.max_staleness`): the behaviour policy's log-probs, the refusal
-of rollouts older than allowed, and the pieces that make them (pipeline.py, behaviour.py).
+of rollouts older than allowed, and the pieces that make them (pipeline.py, behaviour.py,
+timing.py).
 
-The trainer-level runs (2 gloo ranks, resume) are in test_trainer.py; the equality of
-`max_staleness: 0` with the synchronous loop is its sharded resume test.
+The rollout source's paths (too old, stale, failed) against real servers are in
+test_rollout_source.py; the trainer-level runs (2 gloo ranks, resume) in test_trainer.py, and the
+equality of `max_staleness: 0` with the synchronous loop is its sharded resume test.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
+import functools
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from tiny_parts import (
+    CPU,
+    ONE_PROCESS,
+    prompt_rows,
+    start_tiny_servers,
+    tiny_algorithm,
+    tiny_policy,
+    tiny_rollout,
+)
 
+from rpp_lightning.algorithms import get_estimator
 from rpp_lightning.behaviour import WeightSnapshots, agreed_ages, behaviour_log_probs
-from rpp_lightning.cli import cli_main
+from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience
-from rpp_lightning.metrics import BusyClock
-from rpp_lightning.pipeline import RolloutsTooOld
-from rpp_lightning.policy import full_state_dict, response_log_probs
+from rpp_lightning.experience_maker import ExperienceMaker
+from rpp_lightning.models import Models
+from rpp_lightning.pipeline import RolloutPipeline, RolloutsTooOld
+from rpp_lightning.policy import load_causal_lm, response_log_probs
+from rpp_lightning.rollout_source import RolloutSource
+from rpp_lightning.timing import BusyClock
 from rpp_lightning.update import micro_batch_loss
-
-TOKENIZER = str(ROOT / "assets" / "char_tokenizer")
-
-
-def _parsed(tmp_path, monkeypatch, *overrides: str):
-    """configs/tiny.yaml's ReinforcePP (local generation and math servers, not started) and its
-    PromptDataModule on the committed arithmetic prompts."""
-    monkeypatch.chdir(tmp_path)
-    data = ROOT / "data" / "arithmetic"
-    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.policy.tokenizer", TOKENIZER,
-            "--data.train_path", str(data / "train.jsonl"),
-            "--data.val_path", str(data / "val.jsonl"), *overrides]  # fmt: skip
-    cli = cli_main(args, run=False)
-    return cli.model, cli.datamodule
+from rpp_lightning.weight_sync import WeightSync
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -95,111 +98,95 @@ def test_busy_clock_counts_the_time_no_call_was_in_flight() -> None:
     assert clock.idle_between(2.5, 5.0) == pytest.approx(1.0)
 
 
-def test_asynchronous_rollouts_use_their_behaviour_policy_and_old_ones_are_refused(
-    tmp_path, monkeypatch, caplog
-) -> None:
+def test_pipeline_hands_over_what_was_asked_for_and_refuses_what_is_too_old() -> None:
+    rows = [PromptRow("1+1=", [5, 6], "2"), PromptRow("2+2=", [7, 8], "4")]
+
+    def sampled_by(version: int):
+        def work(timings: dict[str, float]) -> tuple[list, Future]:
+            timings["generate"] = 0.5
+            return [SimpleNamespace(weights_version=version)] * 4, Future()
+
+        return work
+
+    pipeline = RolloutPipeline(max_staleness=1)
+    try:
+        pipeline.ask(1, rows, sampled_by(2))
+        pipeline.ask(1, rows, sampled_by(0))  # asked for already: not again
+        first = pipeline.take(1, rows)
+        rollouts, _ = pipeline.wait(first, current=3)  # one version behind: allowed
+        assert {r.weights_version for r in rollouts} == {2} and first.timings == {"generate": 0.5}
+        pipeline.ask(2, rows, sampled_by(2))
+        assert pipeline.take(2, rows[::-1]) is None  # asked for other prompts: not handed over
+        pipeline.ask(3, rows, sampled_by(1))
+        third = pipeline.take(3, rows)
+        with pytest.raises(RolloutsTooOld, match="weights version 1, more than max_staleness 1"):
+            pipeline.wait(third, current=3)
+    finally:
+        pipeline.close()
+    with pytest.raises(ValueError, match="max_staleness >= 1"):
+        RolloutPipeline(max_staleness=0)
+
+
+def test_asynchronous_rollouts_use_their_behaviour_policy() -> None:
     """Real servers (tiny.yaml's local generation and math servers): a batch asked for ahead is
     sampled by the version served then; after an update, its log π_old is that version's (by
-    hand, and the server's own log-probs agree), and the PPO ratio is π_θ / π_behav; once it
-    is 2 versions behind with max_staleness 1, it is refused and generated again; one that a
-    restarted server refuses goes through the fault handling (push again, generate again)."""
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
-    module, data = _parsed(tmp_path, monkeypatch, "--model.rollout.max_staleness", "1",
-                           "--model.rollout.n_samples", "2")  # fmt: skip
-    data.setup("fit")
-    rows = data.train_rows[:4]
-    module.configure_model()
-    module.servers.start(SingleDeviceStrategy(device=torch.device("cpu")))
+    hand, and the server's own log-probs agree), and the PPO ratio is π_θ / π_behav."""
+    policy_config, rollout = tiny_policy(), tiny_rollout(max_staleness=1, max_iterations=10)
+    servers = start_tiny_servers(policy_config)
+    source = None
     try:
-        generation, policy = module.servers.generation, module.policy
-        generation.push_weights(full_state_dict(policy), version=1)
-        module.weights_version = 1
+        rows = prompt_rows()
+        policy = load_causal_lm(policy_config)
+        reference = load_causal_lm(policy_config, reference=True)
+        weights = WeightSync(servers, rollout.max_staleness)
+        weights.connect(ONE_PROCESS)
+        weights.ensure_synced(policy)  # the servers serve the trainer's weights as version 1
+        assert weights.version == 1
         sampled_by = copy.deepcopy(policy)  # π_behav: the weights of version 1
-        pipeline = module.pipeline
-        for iteration in (1, 2):  # asked for ahead, at least version 1 (served now)
-            pipeline.ask(iteration, rows, module._rollout_step(iteration, rows))
-        assert pipeline.take(1, rows[1:] + rows[:1]) is None  # other prompts: not handed over
-        pipeline.ask(1, rows, module._rollout_step(1, rows))
-        first = pipeline.take(1, rows)
-        rollouts, scoring = pipeline.wait(first, current=1)
-        assert {r.weights_version for r in rollouts} == {1}
+        source = RolloutSource(
+            servers, rollout, seed=0, rank=0, device=CPU,
+            push_again=functools.partial(weights.push_again, policy), batch_of=lambda i: rows,
+        )  # fmt: skip
+        source.get(0, rows, weights.version, {})  # iteration 1's batch is asked for ahead
+        ahead = source.get(1, rows, weights.version, {})  # taken before any push: version 1
+        assert {r.weights_version for r in ahead.rollouts} == {1} and ahead.background
 
         # "the update": the trainer keeps version 1's weights, then they change; version 2
-        module.experience.snapshots.take(policy, 1)
+        weights.keep_before_update(policy)
         _perturb(policy, 0)
-        generation.push_weights(full_state_dict(policy), version=2)
-        module.weights_version = 2
-        made = module.experience.make(
-            rows, rollouts, policy, module.reference, {}, None, scoring, weights_version=2
-        )
-        exp, temperature = made.exp, module.rollout.temperature
+        weights.push_after_update(policy)
+        assert weights.version == 2
+        algorithm = tiny_algorithm()
+        estimator = get_estimator(algorithm.advantage_estimator)
+        maker = ExperienceMaker(rollout, algorithm, estimator)
+        models = Models(policy, weights.version, reference, None, weights.snapshots)
+        made = maker.make(ahead, models, {})
+        exp, temperature = made.exp, rollout.temperature
         behaviour = _by_hand(sampled_by, exp, temperature)
         current = _by_hand(policy, exp, temperature)
         torch.testing.assert_close(exp.old_log_probs, behaviour, atol=1e-5, rtol=0)
         assert (exp.old_log_probs - current).abs().max() > 0.05  # the update did move them
         # the server's own log-probs (version 1, fp32, temperature 1) are π_behav's too
         engine = torch.zeros_like(behaviour)
-        for row, rollout in enumerate(rollouts):
-            engine[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
+        for row, sample in enumerate(ahead.rollouts):
+            engine[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         assert temperature == 1.0
         torch.testing.assert_close(engine * exp.action_mask, behaviour, atol=1e-4, rtol=0)
         # the ratio of the loss is π_θ / π_behav, token by token
         tokens = exp.action_mask.sum().float()
-        _, stats = micro_batch_loss(policy, exp, tokens, module.algorithm, module.estimator,
-                                    temperature)  # fmt: skip
+        _, stats = micro_batch_loss(policy, exp, tokens, algorithm, estimator, temperature)
         ratio = torch.exp(current - behaviour) * exp.action_mask
         assert float(stats["ratio"]) == pytest.approx(float(ratio.sum() / tokens), rel=1e-4)
         assert float(stats["ratio"]) != pytest.approx(1.0, abs=1e-3)
         # the same rows from the live weights take no snapshot: exactly the synchronous numbers
         log_probs, _ = behaviour_log_probs(
-            policy, exp, [0] * len(exp), [0], 2, module.experience.snapshots,
+            policy, exp, [0] * len(exp), [0], 2, weights.snapshots,
             lambda model, batch: response_log_probs(
                 model, batch.sequences, batch.attention_mask, batch.num_actions, False, 1.0
             ),
         )  # fmt: skip
         torch.testing.assert_close(log_probs * exp.action_mask, current, atol=1e-5, rtol=0)
-
-        # iteration 2's batch (version 1) when the trainer is at 3: 2 versions behind
-        generation.push_weights(full_state_dict(policy), version=3)
-        module.weights_version = 3
-        second = pipeline.take(2, rows)
-        with pytest.raises(RolloutsTooOld, match="weights version 1, more than max_staleness 1"):
-            pipeline.wait(second, current=3)
-        # the trainer's path: refused (logged, counted), then sampled by the current weights
-        caplog.set_level(logging.WARNING, logger="rpp.faults")
-        again, scoring = module._generate_on_current_weights(
-            rows, module._rollout_step(2, rows), {}, second
-        )
-        assert module.refused_rollouts == len(again) == 8
-        assert {r.weights_version for r in again} == {3} and scoring is None
-        assert "generating the batch again on the current weights" in caplog.text
-
-        # the fault handling of a batch asked for ahead: the generation server restarts (a
-        # fresh process at version 0, same address) before the batch runs; it refuses (older
-        # than min_weights_version 3), so the trainer pushes its weights as version 4 and
-        # generates the batch on them
-        from lightning.pytorch import Trainer
-
-        from rpp_lightning.local_servers import ChildServer
-
-        module.trainer = Trainer(accelerator="cpu", devices=1, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-        old = next(c for c in module.servers.children if c.name == "generation-server")
-        port = old.address.rsplit(":", 1)[1]
-        old.stop()
-        argv = [*old.argv]
-        argv[argv.index("--port") + 1] = port
-        fresh = ChildServer(argv, name="generation-server")
-        module.servers.children.append(fresh)
-        pipeline.ask(3, rows, module._rollout_step(3, rows))
-        with caplog.at_level(logging.WARNING, logger="rpp.faults"):
-            rollouts, _ = module._generate_on_current_weights(
-                rows, module._rollout_step(3, rows), {}, pipeline.take(3, rows)
-            )
-        assert "no generation replica serves weights version 3" in caplog.text
-        assert module.weights_version == 4 and {r.weights_version for r in rollouts} == {4}
     finally:
-        module.pipeline.close()
-        module.experience.close()
-        module.servers.stop()
+        if source is not None:
+            source.close()
+        servers.stop()

@@ -310,7 +310,8 @@ def test_async_rollouts_on_two_fsdp2_ranks_stay_within_staleness_and_resume(
         assert staleness[0] == 0, name  # nothing asked for ahead yet: a synchronous batch
         assert all(s in (0, 1) for s in staleness), (name, staleness)
         for row in rows:
-            # every rollout of a batch is of one version here (one replica, one request)
+            # the oldest weights that sampled any rank's rollouts (each rank asks on its own,
+            # so a push landing between their requests makes one rank's share fresher)
             oldest = row["weights_version/rollouts"]
             assert oldest == row["weights_version"] - 1 - row["staleness/max"], (name, row)
             assert row["staleness/refused"] == 0

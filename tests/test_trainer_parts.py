@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -348,6 +349,105 @@ def test_single_forward_update_equals_two_forwards(tmp_path, monkeypatch) -> Non
                 replace(algorithm, micro_batch_size=2), module.estimator
             ), lambda loss: loss.backward(), torch.Generator(), forward=forward,
         )  # fmt: skip
+
+
+def test_experience_of_a_batch_and_a_failed_reward_call() -> None:
+    """ExperienceMaker alone, on a hand-made rollout batch: log-probs, rewards and advantages;
+    a reward call that failed stops the iteration (on every rank alike) before any of it is
+    used, and leaves the running reward statistics untouched."""
+    from concurrent.futures import Future
+
+    from transformers import AutoModelForCausalLM
+
+    from rpp_lightning.algorithms import get_estimator
+    from rpp_lightning.config import AlgorithmConfig
+    from rpp_lightning.experience_maker import ExperienceMaker
+    from rpp_lightning.faults import ServerFailure
+    from rpp_lightning.generation.client import Rollout
+    from rpp_lightning.models import Models
+    from rpp_lightning.rewards import RewardBatch, RewardError
+    from rpp_lightning.rollout_source import RolloutBatch
+    from rpp_lightning.tiny import tiny_llama_config
+
+    maker = ExperienceMaker(
+        RolloutConfig(n_samples=2), AlgorithmConfig(), get_estimator("reinforce_pp")
+    )
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_llama_config())
+    exp = _experience()
+    packed = Experience(exp.sequences, exp.attention_mask, exp.action_mask, torch.zeros(4))
+    lengths = exp.action_mask.sum(1).tolist()
+    rollouts = [
+        Rollout(i // 2, i % 2, [1] * n, [0.0] * n, "stop", 3) for i, n in enumerate(lengths)
+    ]
+    scored = Future()
+    scored.set_result(RewardBatch([1.0, 0.0, 0.5, 0.25], {}, [None] * 4, [{}] * 4))
+    timings: dict[str, float] = {}
+    models = Models(policy, 3, reference=policy)  # the same weights: KL 0, but computed
+    made = maker.make(RolloutBatch(rollouts, packed, scored, {}), models, timings)
+    assert made.exp.old_log_probs.shape == exp.action_mask.shape and made.exp.advantages is not None
+    assert made.exp.rewards.tolist() == [1.0, 0.0, 0.5, 0.25]  # no normalisation configured
+    assert {"logprobs", "score_wait"} <= timings.keys()
+    failed = Future()
+    failed.set_exception(RewardError("math: non-finite reward (nan) for sample 0"))
+    before = maker.running_reward.state_dict()
+    with pytest.raises(ServerFailure, match=r"scoring failed: RewardError: math: non-finite"):
+        maker.make(RolloutBatch(rollouts, packed, failed, {}), Models(policy, 3), {})
+    assert maker.running_reward.state_dict() == before
+
+
+class _FakeGeneration:
+    """Records the pushes; with `reaches_none`, no replica takes them."""
+
+    def __init__(self) -> None:
+        self.pushed: list[int] = []
+        self.reaches_none = False
+
+    def push_weights(self, state, version: int, dtype=None) -> None:
+        if self.reaches_none:
+            raise RuntimeError(f"weights version {version} reached no replica")
+        self.pushed.append(version)
+
+
+def test_weight_sync_numbers_its_pushes_and_survives_one_no_replica_took(caplog) -> None:
+    """WeightSync alone, with servers that serve version 5 when it starts."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from rpp_lightning.faults import WeightPushError
+    from rpp_lightning.weight_sync import WeightSync
+
+    generation = _FakeGeneration()
+    servers = SimpleNamespace(
+        generation=generation, served_version=lambda: 5, push_dtype=lambda device: torch.float32
+    )
+    model = torch.nn.Linear(2, 2)
+    sync = WeightSync(servers, max_staleness=1)
+    with pytest.raises(RuntimeError, match="connect"):
+        sync.push(model)  # the ranks are not known yet
+    sync.connect(SingleDeviceStrategy(device=torch.device("cpu")))
+    sync.ensure_synced(model)
+    sync.ensure_synced(model)  # once: after it, the servers serve what was pushed
+    assert generation.pushed == [6] and sync.version == 6  # after what they served
+    sync.keep_before_update(model)  # the weights of version 6
+    sync.push_after_update(model)
+    sync.keep_before_update(model)  # of version 7
+    sync.push_after_update(model)
+    sync.forget_out_of_reach()  # at 8 with max_staleness 1: only 7 may still be needed
+    assert generation.pushed == [6, 7, 8] and len(sync.snapshots) == 1
+    assert sync.snapshots.label_of(7, 8) == 7
+    generation.reaches_none = True
+    with caplog.at_level(logging.WARNING, logger="rpp.faults"):
+        sync.push_after_update(model)  # the run goes on; the version too: 8 is not the policy
+    assert sync.version == 9 and "the next iteration pushes again" in caplog.text
+    assert sync.push_again(model) == 10
+    with pytest.raises(WeightPushError, match="weight push of version 11 failed"):
+        sync.push(model)
+    generation.reaches_none = False
+    sync.restore(3)  # a checkpoint: whatever the servers serve now, push before use
+    sync.ensure_synced(model)
+    assert sync.version == 6 and generation.pushed[-1] == 6  # max(3, served 5) + 1
 
 
 def test_sampler_shards_match_one_process_and_resume() -> None:

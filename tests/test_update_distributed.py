@@ -27,6 +27,7 @@ def _worker(rank: int, out_dir: str) -> None:
         "reward": [0.5, 1.5][rank],
         "accuracy": [0.25, None][rank],
         "response_length/max": [7.0, 12.0][rank],
+        "weights_version/rollouts": [24.0, 23.0][rank],  # a push landed between two ranks
         "reward/chat": None,
     }
     result["reduced"] = reduce_metrics(metrics, group, device)
@@ -40,11 +41,13 @@ def test_unequal_work_is_refused_and_metrics_reduce_over_ranks(tmp_path) -> None
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "different rollout batch sizes (max 8, min 6" in result["unequal"]
-        # means over the ranks where a metric is defined, maxima for /max, undefined dropped
+        # means over the ranks where a metric is defined, maxima for /max, the oldest weights
+        # version of any rank's rollouts, undefined dropped
         assert result["reduced"] == {
             "reward": 1.0,
             "accuracy": 0.25,
             "response_length/max": 12.0,
+            "weights_version/rollouts": 23.0,
         }
 
 

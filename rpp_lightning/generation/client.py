@@ -36,16 +36,15 @@ import grpc
 import torch
 
 from rpp_lightning.channels import ChannelConfig, start_calls, wait_until_serving
-from rpp_lightning.generation.backend import mix_seed
+from rpp_lightning.generation.seeds import mix_seed
 from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
+from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.proto import generation_pb2_grpc
 from rpp_lightning.replicas import FailurePolicy, ReplicaSet, describe
 from rpp_lightning.serving import server_seconds
 
 log = logging.getLogger("rpp.generation.client")
 
-SERVICE_NAME = "rpp.v1.GenerationService"
 _MASK64 = (1 << 64) - 1
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
@@ -116,7 +115,7 @@ class GenerationClient:
             "generation",
             dataclasses.replace(base, addresses=self.addresses, timeout_s=timeout_s),
             generation_pb2_grpc.GenerationServiceStub,
-            SERVICE_NAME,
+            GENERATION_SERVICE,
             policy,
         )
         self._metadata = self.replicas.metadata
@@ -141,7 +140,7 @@ class GenerationClient:
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
         """Block until every replica reports SERVING, then read (and cross-check) the version."""
         for config in self._configs:
-            wait_until_serving(config, timeout_s, service=SERVICE_NAME)
+            wait_until_serving(config, timeout_s, service=GENERATION_SERVICE)
         self._version = None
         _ = self.version
 

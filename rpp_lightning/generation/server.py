@@ -20,16 +20,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow, row_seed
+from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow
 from rpp_lightning.generation.scheduler import Scheduler, version_refusal
+from rpp_lightning.generation.seeds import row_seed
 from rpp_lightning.generation.weights import (
     WeightsAssembler,
     WeightsUpdate,
     load_safetensors_dir,
     resolve_under_root,
 )
+from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.proto import generation_pb2_grpc
 from rpp_lightning.serving import (
     ServiceSpec,
     StatusError,
@@ -41,7 +42,6 @@ from rpp_lightning.serving import (
 
 log = logging.getLogger("rpp.generation")
 
-SERVICE_NAME = "rpp.v1.GenerationService"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 MAX_PROMPT_ID_CHARS = 1024
 """Longest Prompt.id (generation.proto): an id labels a prompt, it is not data."""
@@ -104,7 +104,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def service_spec(self) -> ServiceSpec:
         """How `GrpcServer` registers this servicer."""
         return ServiceSpec(
-            self, generation_pb2_grpc.add_GenerationServiceServicer_to_server, SERVICE_NAME
+            self, generation_pb2_grpc.add_GenerationServiceServicer_to_server, GENERATION_SERVICE
         )
 
     def close(self) -> None:

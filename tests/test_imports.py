@@ -1,0 +1,55 @@
+"""The package's import graph: no circle, and a bounded depth from the CLI down.
+
+`lint-imports` (CI, the contracts in pyproject.toml) says which layer may import which; this
+test reads the same graph (grimp, import-linter's library) for what contracts cannot state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+MAX_DEPTH = 12
+"""Longest chain of imports from `rpp_lightning.cli` down to a module that imports no other of
+the package's modules (issue 24 asks for at most 8 once the trainer's folders land)."""
+
+
+def _graph():
+    # a dev dependency (import-linter's): imported here so that collecting this file on a
+    # machine without it (the GPU check's) skips nothing it did not select
+    grimp = pytest.importorskip("grimp")
+    return grimp.build_graph("rpp_lightning", "reward_servers", cache_dir=None)
+
+
+def _modules(graph) -> set[str]:
+    return {m for m in graph.modules if m.startswith(("rpp_lightning", "reward_servers"))}
+
+
+def test_no_import_circle() -> None:
+    graph = _graph()
+    modules = _modules(graph)
+    circles = []
+    for module in sorted(modules):
+        for imported in graph.find_modules_directly_imported_by(module) & modules:
+            back = graph.find_shortest_chain(importer=imported, imported=module)
+            if back is not None:
+                circles.append((module, *back))
+    assert circles == [], f"import circles: {circles[:5]}"
+
+
+def longest_chain(graph, start: str) -> list[str]:
+    """The longest chain of package imports from `start` (the graph has no circle)."""
+    modules = _modules(graph)
+
+    @functools.cache
+    def down(module: str) -> tuple[str, ...]:
+        below = graph.find_modules_directly_imported_by(module) & modules
+        return (module, *max((down(m) for m in below), key=len, default=()))
+
+    return list(down(start))
+
+
+def test_import_depth_from_the_cli_is_bounded() -> None:
+    chain = longest_chain(_graph(), "rpp_lightning.cli")
+    assert len(chain) - 1 <= MAX_DEPTH, " -> ".join(chain)
