@@ -482,3 +482,25 @@ def test_mixed_precision_without_fsdp2_is_refused(servers, tmp_path, monkeypatch
         ValueError, match=r"policy\.mixed_precision is FSDP2's: add --trainer\.strategy fsdp2"
     ):
         module.configure_model()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_the_trainer_before_its_parts_resumes(tmp_path) -> None:
+    """tests/golden/tiny_iter2_before_parts.ckpt: 2 iterations of configs/tiny.yaml (its local
+    servers), saved by the trainer of mixins (commit ddb93fe, before WeightSync, RolloutSource
+    and ExperienceMaker were parts of their own). Today's trainer resumes it where it stopped:
+    the iteration, the weights version (pushed again, then updated) and the optimizer state."""
+    golden = ROOT / "tests" / "golden" / "tiny_iter2_before_parts.ckpt"
+    saved = torch.load(golden, weights_only=False)["rpp"]
+    assert (saved["iteration"], saved["weights_version"]) == (2, 3)
+    tokenizer = str(ROOT / "assets" / "char_tokenizer")
+    log_dir = train(
+        tmp_path,
+        *("--model.policy.tokenizer", tokenizer, "--model.rollout.max_iterations", "3"),
+        *("--ckpt_path", str(golden)),
+    )
+    [row] = read_metrics(log_dir)
+    assert int(row["step"]) == 2
+    # 3 restored, 4 pushed to the fresh local server before the first rollout, 5 after the update
+    assert (row["weights_version"], row["weights_version/rollouts"]) == (5.0, 4.0)
