@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from rpp_lightning.channels import ChannelConfig
-
-if TYPE_CHECKING:  # the client module imports torch; configs are parsed before it loads
-    from rpp_lightning.generation.client import SamplingConfig
 
 
 def _raise_all(group: str, problems: list[str]) -> None:
@@ -152,20 +149,6 @@ class RolloutConfig:
     the trainer updates, by weights at most k versions old; their PPO ratio uses the log-probs
     of the weights that sampled them, recomputed by the trainer from a copy of each of the last
     k versions (k extra copies of the policy's parameters). algorithm.md §9."""
-
-    def sampling(self, seed: int) -> SamplingConfig:
-        """The generation client's `SamplingConfig` for one iteration's rollouts."""
-        from rpp_lightning.generation.client import SamplingConfig
-
-        return SamplingConfig(
-            n=self.n_samples,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            stop_token_ids=list(self.stop_token_ids),
-            seed=seed,
-        )
 
     def validate(self) -> None:
         problems = []

@@ -9,6 +9,7 @@ the last R columns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -154,3 +155,15 @@ def pack_rollouts(
     attention_mask = ((columns >= start) & (columns < end)).long()
     action_mask = (torch.arange(response_len) < response_lengths[:, None]).long()
     return sequences, attention_mask, action_mask
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's rollouts of one iteration, as the experience phase takes them."""
+
+    rollouts: list  # the generation client's Rollouts, prompt-major
+    packed: Experience  # their tokens as tensors, on the CPU; log-probs and rewards still to come
+    scoring: Future  # → RewardBatch; started as soon as the rollouts were back
+    background: dict[str, float]  # generate and score of a batch asked for ahead (its own phase
+    # times, written by the time `scoring` is done); empty for a batch sampled now
+    refused: int = 0  # rollouts refused as too old on the way (`staleness/refused`)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import resource
 import statistics
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from rpp_lightning.algorithms import masked_mean
 from rpp_lightning.experience import Experience
-from rpp_lightning.experience_maker import IterationExperience
 from rpp_lightning.rewards import RewardBatch
+
+if TYPE_CHECKING:  # for annotations only: metrics read the experience, never make it
+    from rpp_lightning.experience_maker import IterationExperience
 
 
 def rollout_metrics(

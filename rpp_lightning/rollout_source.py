@@ -31,9 +31,9 @@ import torch
 
 from rpp_lightning.config import RolloutConfig
 from rpp_lightning.data import PromptRow
-from rpp_lightning.experience import Experience, pack_rollouts
+from rpp_lightning.experience import Experience, RolloutBatch, pack_rollouts
 from rpp_lightning.faults import ServerFailure
-from rpp_lightning.generation.client import StaleWeightsError
+from rpp_lightning.generation.client import SamplingConfig, StaleWeightsError
 from rpp_lightning.pipeline import PendingBatch, RolloutPipeline, RolloutsTooOld
 from rpp_lightning.replicas import describe
 from rpp_lightning.rewards import RewardBatch, RewardQuery
@@ -67,18 +67,6 @@ class RolloutStep:
     # batch asked for ahead (`at_least`), this one or a newer one
     prompt_offset: int  # this rank's first prompt in the global batch (seeds do not depend on
     # the number of ranks; see ResumableSampler)
-
-
-@dataclass
-class RolloutBatch:
-    """One rank's rollouts of one iteration, as the experience phase takes them."""
-
-    rollouts: list  # the generation client's Rollouts, prompt-major
-    packed: Experience  # their tokens as tensors, on the CPU; log-probs and rewards still to come
-    scoring: Future  # → RewardBatch; started as soon as the rollouts were back
-    background: dict[str, float]  # generate and score of a batch asked for ahead (its own phase
-    # times, written by the time `scoring` is done); empty for a batch sampled now
-    refused: int = 0  # rollouts refused as too old on the way (`staleness/refused`)
 
 
 def score(servers: TrainerServers, rows: list[PromptRow], rollouts: list, n: int) -> RewardBatch:
@@ -255,7 +243,7 @@ class RolloutSource:
         with timed(timings, "generate"), self.generation_busy.busy():
             rollouts = generation.generate(
                 [row.prompt_ids for row in rows],
-                self.rollout.sampling(step.seed),
+                sampling_of(self.rollout, step.seed),
                 expected_version=None if at_least else version,
                 prompt_offset=step.prompt_offset,
                 min_version=version if at_least else None,
@@ -285,3 +273,16 @@ class RolloutSource:
         if self.pipeline is not None:
             self.pipeline.close()
         self._scoring.shutdown(wait=False, cancel_futures=True)
+
+
+def sampling_of(rollout: RolloutConfig, seed: int) -> SamplingConfig:
+    """The generation client's `SamplingConfig` for one iteration's rollouts."""
+    return SamplingConfig(
+        n=rollout.n_samples,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        max_new_tokens=rollout.max_new_tokens,
+        stop_token_ids=list(rollout.stop_token_ids),
+        seed=seed,
+    )

@@ -361,12 +361,12 @@ def test_experience_of_a_batch_and_a_failed_reward_call() -> None:
 
     from rpp_lightning.algorithms import get_estimator
     from rpp_lightning.config import AlgorithmConfig
+    from rpp_lightning.experience import RolloutBatch
     from rpp_lightning.experience_maker import ExperienceMaker
     from rpp_lightning.faults import ServerFailure
     from rpp_lightning.generation.client import Rollout
     from rpp_lightning.models import Models
     from rpp_lightning.rewards import RewardBatch, RewardError
-    from rpp_lightning.rollout_source import RolloutBatch
     from rpp_lightning.tiny import tiny_llama_config
 
     maker = ExperienceMaker(
