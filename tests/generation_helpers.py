@@ -64,23 +64,51 @@ def request(prompts: list[list[int]], **sampling) -> pb.GenerateRequest:
     )
 
 
-def concurrent_behind_a_long_call(
-    stub, servicer: GenerationServicer, blocker: pb.GenerateRequest, requests: list
-) -> tuple[dict[int, pb.GenerateResponse], int]:
-    """Send `requests` side by side while `blocker` runs (so the batcher merges them); their
-    replies by index, and how many batches the scheduler ran meanwhile."""
-    before = servicer.scheduler.batches_run
-    replies: dict[int, pb.GenerateResponse] = {}
-    threads = [threading.Thread(target=lambda: stub.Generate(blocker))]
-    threads += [
-        threading.Thread(target=lambda i=i, r=r: replies.__setitem__(i, stub.Generate(r)))
-        for i, r in enumerate(requests)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return replies, servicer.scheduler.batches_run - before
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67]]
+"""Three prompts of different lengths (so rows of a batch are padded differently)."""
+
+
+def tokens_of(reply: pb.GenerateResponse, p: int = 0) -> list[list[int]]:
+    """The token ids of every completion of prompt `p` of a reply."""
+    return [list(c.token_ids) for c in reply.results[p].completions]
+
+
+def assert_seeds_fix_tokens_however_batched(
+    address: str, servicer: GenerationServicer, blocker: pb.GenerateRequest
+) -> None:
+    """The seed contract, for any backend: the same seed gives the same tokens, another seed
+    others; prompt i of a request seeded s samples as prompt 0 of one seeded s + i; and requests
+    the batcher merges (sent side by side while `blocker` runs) get the tokens they get alone."""
+    params = dict(n=2, temperature=1.0, top_k=30, max_new_tokens=16)
+    with stub_for(address) as stub:
+        alone = [stub.Generate(request([p], seed=7 + i, **params)) for i, p in enumerate(PROMPTS)]
+        again = stub.Generate(request(PROMPTS[:1], seed=7, **params))
+        other_seed = stub.Generate(request(PROMPTS[:1], seed=8, **params))
+        together = stub.Generate(request(PROMPTS, seed=7, **params))
+        before = servicer.scheduler.batches_run
+        replies: dict[int, pb.GenerateResponse] = {}
+        threads = [threading.Thread(target=lambda: stub.Generate(blocker))]
+        threads += [
+            threading.Thread(
+                target=lambda i=i: replies.__setitem__(
+                    i, stub.Generate(request([PROMPTS[i % 3]], seed=7 + i % 3, **params))
+                )
+            )
+            for i in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        batches = servicer.scheduler.batches_run - before
+    assert tokens_of(again) == tokens_of(alone[0])
+    assert tokens_of(other_seed) != tokens_of(alone[0])
+    for i in range(3):
+        assert tokens_of(together, i) == tokens_of(alone[i])
+    assert sorted(replies) == list(range(6))
+    for i, reply in replies.items():
+        assert tokens_of(reply) == tokens_of(alone[i % 3])
+    assert batches < 7, "concurrent requests were not batched together"
 
 
 @torch.no_grad()

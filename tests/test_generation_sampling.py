@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from generation_helpers import (
-    concurrent_behind_a_long_call,
+    PROMPTS,
+    assert_seeds_fix_tokens_however_batched,
     direct_logprobs,
     reference_sample,
     request,
@@ -23,8 +24,6 @@ from transformers import AutoModelForCausalLM
 from rpp_lightning.generation.client import GenerationClient, SamplingConfig
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.proto import generation_pb2 as pb
-
-PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67]]
 
 
 @pytest.fixture(scope="module")
@@ -110,32 +109,9 @@ def test_stop_tokens_and_finish_reasons(server, model) -> None:
 
 @pytest.mark.timeout(60)
 def test_same_seed_same_tokens_and_batching_does_not_matter(server) -> None:
-    address, servicer = server[0].address, server[1]
-    params = dict(n=2, temperature=1.0, top_k=30, max_new_tokens=16)
-    with stub_for(address) as stub:
-        alone = [stub.Generate(request([p], seed=7 + i, **params)) for i, p in enumerate(PROMPTS)]
-        again = stub.Generate(request(PROMPTS[:1], seed=7, **params))
-        other_seed = stub.Generate(request(PROMPTS[:1], seed=8, **params))
-        # One request with all prompts: prompt i uses seed 7 + i (the documented contract).
-        together = stub.Generate(request(PROMPTS, seed=7, **params))
-        # Many concurrent requests behind a long one: the batcher merges them.
-        replies, batches = concurrent_behind_a_long_call(
-            stub,
-            servicer,
-            request([[1, 5]], temperature=0, max_new_tokens=64),
-            [request([PROMPTS[i % 3]], seed=7 + i % 3, **params) for i in range(6)],
-        )
-
-    def tokens(reply, p=0):
-        return [list(c.token_ids) for c in reply.results[p].completions]
-
-    assert tokens(again) == tokens(alone[0])
-    assert tokens(other_seed) != tokens(alone[0])
-    for i in range(3):
-        assert tokens(together, i) == tokens(alone[i])
-    for i, reply in replies.items():
-        assert tokens(reply) == tokens(alone[i % 3])
-    assert batches < 7, "concurrent requests were not batched together"
+    assert_seeds_fix_tokens_however_batched(
+        server[0].address, server[1], request([[1, 5]], temperature=0, max_new_tokens=64)
+    )
 
 
 @pytest.mark.timeout(60)

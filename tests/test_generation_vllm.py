@@ -43,12 +43,14 @@ import grpc
 import torch
 from conftest import ROOT
 from generation_helpers import (
-    concurrent_behind_a_long_call,
+    PROMPTS,
+    assert_seeds_fix_tokens_however_batched,
     direct_logprobs,
     request,
     running_server,
     sampling_probs,
     stub_for,
+    tokens_of,
 )
 from test_trainer import read_metrics, run_ok
 from transformers import AutoModelForCausalLM
@@ -71,7 +73,6 @@ ENGINE = dict(dtype="float32", kv_cache_gib=0.25, gpu_memory_utilization=0.3)
 SERVER_FLAGS = ["--dtype", "float32", "--kv-cache-gib", "0.25", "--gpu-memory-utilization", "0.3"]
 SERVER_FLAGS += ["--enforce-eager"]
 MAX_MODEL_LEN = 256
-PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67]]
 # Longer than a KV block (128 tokens on CPU, 16 on CUDA): its full blocks enter the prefix
 # cache, and a push must drop them (served log-probs of LONG after a push check that).
 LONG = [1, *(4 + (7 * i) % 96 for i in range(149))]
@@ -139,10 +140,6 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         pad_token_id=0,
     )
     return out[0, len(prompt) :].tolist()
-
-
-def tokens_of(reply: pb.GenerateResponse, p: int = 0) -> list[list[int]]:
-    return [list(c.token_ids) for c in reply.results[p].completions]
 
 
 # --- the sampling contract ----------------------------------------------------------------------
@@ -234,29 +231,9 @@ def test_stop_tokens_and_finish_reasons(server) -> None:
 
 
 def test_same_seed_same_tokens_and_batching_does_not_matter(server) -> None:
-    address, servicer = server[0], server[1]
-    params = dict(n=2, temperature=1.0, top_k=30, max_new_tokens=16)
-    with stub_for(address) as stub:
-        alone = [stub.Generate(request([p], seed=7 + i, **params)) for i, p in enumerate(PROMPTS)]
-        again = stub.Generate(request(PROMPTS[:1], seed=7, **params))
-        other_seed = stub.Generate(request(PROMPTS[:1], seed=8, **params))
-        # One request with all prompts: prompt i uses seed 7 + i (the documented contract).
-        together = stub.Generate(request(PROMPTS, seed=7, **params))
-        # Many concurrent requests behind a long one: the batcher merges them.
-        replies, batches = concurrent_behind_a_long_call(
-            stub,
-            servicer,
-            request([[1, 5]], n=8, max_new_tokens=64, seed=1),
-            [request([PROMPTS[i % 3]], seed=7 + i % 3, **params) for i in range(6)],
-        )
-    assert tokens_of(again) == tokens_of(alone[0])
-    assert tokens_of(other_seed) != tokens_of(alone[0])
-    for i in range(3):
-        assert tokens_of(together, i) == tokens_of(alone[i])
-    assert sorted(replies) == list(range(6))
-    for i, reply in replies.items():
-        assert tokens_of(reply) == tokens_of(alone[i % 3])
-    assert batches < 7, "concurrent requests were not batched together"
+    assert_seeds_fix_tokens_however_batched(
+        server[0], server[1], request([[1, 5]], n=8, max_new_tokens=64, seed=1)
+    )
 
 
 def test_client_split_does_not_change_tokens(server) -> None:
