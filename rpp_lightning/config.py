@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rpp_lightning.algorithms.advantages import EstimatorName
 from rpp_lightning.channels import ChannelConfig
 
 
@@ -60,9 +61,7 @@ class PolicyConfig:
 class AlgorithmConfig:
     """REINFORCE++ and its variants (docs/algorithm.md sections 1-5)."""
 
-    advantage_estimator: Literal["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo", "ppo"] = (
-        "reinforce_pp"
-    )
+    advantage_estimator: EstimatorName = "reinforce_pp"
     """How advantages are estimated; also decides where the KL term goes (algorithm.md §4).
     `ppo` trains a critic (see `model.critic`) and estimates advantages by GAE."""
     kl_coef: float = 0.01

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from rpp_lightning.algorithms import position_ids
 from rpp_lightning.config import CriticConfig, PolicyConfig
 from rpp_lightning.experience import Experience, per_token_in_micro_batches
 from rpp_lightning.policy import _for_training, _hf_config, load_causal_lm, load_sharded
@@ -126,8 +127,8 @@ def response_values(
 
     sequences, attention_mask (N, L) -> (N, R) float32.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, L), as the policy's
-    values = critic(sequences, attention_mask, position_ids)  # (N, L)
+    positions = position_ids(attention_mask)  # (N, L), as the policy's
+    values = critic(sequences, attention_mask, positions)  # (N, L)
     return values[:, -num_actions - 1 : -1]  # (N, R)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits
+from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits, position_ids
 from rpp_lightning.config import PolicyConfig
 from rpp_lightning.experience import Experience, per_token_in_micro_batches
 
@@ -174,9 +174,9 @@ def response_log_probs(
     occupies the last `num_actions` columns. Position ids skip the left padding so the model sees
     the same positions as the generation server did.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, L)
+    positions = position_ids(attention_mask)  # (N, L)
     logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=sequences, attention_mask=attention_mask, position_ids=positions
     ).logits  # (N, L, V)
     # the token at position t is predicted by the logits at t-1
     logits = logits[:, -num_actions - 1 : -1]  # (N, R, V); log-softmax runs in fp32 inside

@@ -26,7 +26,7 @@ from tiny_parts import (
     tiny_rollout,
 )
 
-from rpp_lightning.algorithms import get_estimator
+from rpp_lightning.algorithms import get_estimator, position_ids
 from rpp_lightning.behaviour import WeightSnapshots, agreed_ages, behaviour_log_probs
 from rpp_lightning.data import PromptRow
 from rpp_lightning.experience import Experience
@@ -50,7 +50,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 def _by_hand(model: torch.nn.Module, exp: Experience, temperature: float) -> torch.Tensor:
     """log π(response token) per action token, from the logits (zeros past each response)."""
-    positions = (exp.attention_mask.cumsum(1) - 1).clamp(min=0)
+    positions = position_ids(exp.attention_mask)
     with torch.no_grad():
         logits = model(exp.sequences, attention_mask=exp.attention_mask,
                        position_ids=positions).logits  # fmt: skip

@@ -23,6 +23,7 @@ from rpp_lightning.algorithms.losses import (
     log_probs_from_logits,
     masked_token_mean,
     policy_loss,
+    position_ids,
     value_loss,
 )
 from rpp_lightning.algorithms.normalization import (
@@ -65,6 +66,7 @@ __all__ = [
     "masked_whiten",
     "normalize_rewards",
     "policy_loss",
+    "position_ids",
     "shape_token_rewards",
     "value_loss",
 ]

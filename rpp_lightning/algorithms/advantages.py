@@ -239,6 +239,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimatorSpec] = {
 }
 
 
+EstimatorName = Literal[tuple(ADVANTAGE_ESTIMATORS)]  # type: ignore[valid-type]
+"""The estimators' names, from the table: the config's choices (and the CLI's) come from here."""
+
+
 def get_estimator(name: str) -> AdvantageEstimatorSpec:
     """Look up an estimator of algorithm.md §4 by name; unknown names raise ``ValueError``."""
     try:

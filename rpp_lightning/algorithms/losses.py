@@ -44,6 +44,13 @@ def _row_chunks(logits: Tensor) -> tuple[list[Tensor], torch.dtype]:
     return list(logits.reshape(-1, vocab).split(rows)), dtype
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Position of each token among the real tokens of its row (..., L): left padding does not
+    shift positions, so a left-padded prompt is seen as the same prompt unpadded. The trainer's
+    forwards and the generation server's use this one formula, so their log-probs agree."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label token, ``x[label] − logsumexp(x)`` (algorithm.md §5).
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rpp_lightning.algorithms import position_ids
 from rpp_lightning.generation.backend import BackendInfo, SampleResult, SampleRow
 
 log = logging.getLogger("rpp.generation")
@@ -144,7 +145,7 @@ class TransformersBackend:
             input_ids[i, width - lengths[i] :] = torch.tensor(row.prompt)
             mask[i, width - lengths[i] :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not shift positions
+        positions = position_ids(mask)  # (B, T): pads do not shift positions
 
         temperature = torch.tensor([r.temperature for r in rows], device=device)
         greedy = temperature == 0
