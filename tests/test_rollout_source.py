@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,6 +60,16 @@ class Parts:
             batch_of=(lambda iteration: self.rows) if config.max_staleness else None,
         )  # fmt: skip
 
+    def counted_push_again(self) -> tuple[list[int], Callable[[], int]]:
+        """WeightSync's push_again, and the trainer versions it was called at."""
+        pushes: list[int] = []
+
+        def push_again() -> int:
+            pushes.append(self.weights.version)
+            return self.weights.push_again(self.policy)
+
+        return pushes, push_again
+
 
 @pytest.fixture(scope="module")
 def parts():
@@ -104,12 +115,7 @@ def test_rollouts_sampled_now_come_from_the_current_weights_and_are_scored(parts
 
 
 def test_a_version_no_replica_serves_is_pushed_again_then_sampled(parts, caplog) -> None:
-    pushes = []
-
-    def push_again() -> int:
-        pushes.append(parts.weights.version)
-        return parts.weights.push_again(parts.policy)
-
+    pushes, push_again = parts.counted_push_again()
     source, served = parts.source(push_again), parts.weights.version
     try:
         # the trainer's version moved on, but its push reached no replica (faults.py)
@@ -196,12 +202,7 @@ def test_rollouts_asked_for_other_prompts_are_sampled_again(parts, caplog) -> No
 
 
 def test_a_batch_asked_ahead_that_a_restarted_server_refuses_is_pushed_for(parts, caplog) -> None:
-    pushes = []
-
-    def push_again() -> int:
-        pushes.append(parts.weights.version)
-        return parts.weights.push_again(parts.policy)
-
+    pushes, push_again = parts.counted_push_again()
     source, version = parts.source(push_again, max_staleness=1), parts.weights.version
     gate = GatedAhead(parts.servers.generation)
     try:
