@@ -65,10 +65,10 @@ def _decode_step_s(stub, prompt) -> float:
 
 
 def run(repeat: int, work: Path) -> dict:
-    from rpp_lightning.generation.weights import directory_update_requests
     from rpp_lightning.proto import generation_pb2 as pb
     from rpp_lightning.proto import generation_pb2_grpc, reward_pb2_grpc
     from rpp_lightning.tiny import save_tiny_causal_lm
+    from rpp_lightning.weight_transport.wire import directory_update_requests
 
     model = save_tiny_causal_lm(work / "model")
     root = work / "weights-root"

@@ -19,8 +19,8 @@ import re
 
 import torch
 
-from rpp_lightning.data import PromptDataModule
 from rpp_lightning.tasks.arithmetic import round_to_ten
+from rpp_lightning.trainer.data import PromptDataModule
 
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 

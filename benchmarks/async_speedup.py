@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rpp_lightning.local_servers import (  # noqa: E402
+from rpp_lightning.clients.local_servers import (  # noqa: E402
     ChildServer,
     generation_server_argv,
     reward_server_argv,
@@ -118,7 +118,7 @@ def push_stall(address: str, repeats: int = 5) -> dict[str, float]:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from rpp_lightning.generation.client import GenerationClient, SamplingConfig
+    from rpp_lightning.clients.generation import GenerationClient, SamplingConfig
 
     tokenizer = AutoTokenizer.from_pretrained(POLICY)
     prompts = [tokenizer(f"Calculate {a} + {a + 7}.").input_ids for a in range(32)]

@@ -55,7 +55,7 @@ REFUSED_OR_OK = ("OK", "RESOURCE_EXHAUSTED")
 
 
 def _server(argv: list[str], name: str, wait: bool):
-    from rpp_lightning.local_servers import ChildServer
+    from rpp_lightning.clients.local_servers import ChildServer
 
     return ChildServer([sys.executable, "-m", *argv], name=name, cwd=str(ROOT), wait=wait)
 
@@ -79,8 +79,8 @@ class NanRewardServer:
 
     def __init__(self) -> None:
         from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-        from rpp_lightning.server_config import ServerConfig
-        from rpp_lightning.serving import GrpcServer, ServiceSpec
+        from rpp_lightning.rpc.server_config import ServerConfig
+        from rpp_lightning.rpc.serving import GrpcServer, ServiceSpec
 
         class Servicer(reward_pb2_grpc.RewardServiceServicer):
             def GetInfo(self, request, context):
@@ -220,7 +220,7 @@ def schedule(work: Path, iterations: int = 16, budget_s: float = 15.0) -> dict:
         ]  # fmt: skip
 
     def every(n: int) -> list[str]:
-        callback = "{class_path: rpp_lightning.checkpoints.IterationCheckpoint, "
+        callback = "{class_path: rpp_lightning.trainer.checkpoints.IterationCheckpoint, "
         return ["--trainer.callbacks", f"[{callback}init_args: {{every_n_iterations: {n}}}}}]"]
 
     try:

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import torch
 
+from rpp_lightning.clients.generation import GenerationClient, SamplingConfig
 from rpp_lightning.generation.backend import SampleRow
-from rpp_lightning.generation.client import GenerationClient, SamplingConfig
-from rpp_lightning.generation.seeds import mix_seed, row_seed
 from rpp_lightning.generation.transformers_backend import TransformersBackend
+from rpp_lightning.rpc.seeds import mix_seed, row_seed
 from rpp_lightning.tiny import save_tiny_causal_lm
 
 

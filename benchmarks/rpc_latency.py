@@ -16,8 +16,8 @@ import statistics
 import tempfile
 import time
 
-from rpp_lightning.generation.client import GenerationClient
-from rpp_lightning.local_servers import ChildServer, generation_server_argv
+from rpp_lightning.clients.generation import GenerationClient
+from rpp_lightning.clients.local_servers import ChildServer, generation_server_argv
 
 GAPS_MS = (0, 5, 20, 50)
 CALLS = 60

@@ -110,7 +110,7 @@ class Verifier(abc.ABC):
         verifier that can stop early should; the servicer answers DEADLINE_EXCEEDED once it
         has passed either way. `client_gone()` tells when the client has given up for any
         reason (`wait_for_futures` waits on futures with both in mind). Raise
-        `rpp_lightning.serving.StatusError` to end the call with a specific status; any other
+        `rpp_lightning.rpc.serving.StatusError` to end the call with a specific status; any other
         exception becomes INTERNAL.
         """
 

@@ -6,7 +6,7 @@
     rpp-reward-server --verifier my_pkg.my_module:MyVerifier --verifier-args '{"threshold": 0.5}'
     python -m reward_servers.cli math --port 0     # prints "listening on 127.0.0.1:PORT"
 
-Every kind runs behind the same `RewardServicer` and `rpp_lightning.serving.GrpcServer` (TLS,
+Every kind runs behind the same `RewardServicer` and `rpp_lightning.rpc.serving.GrpcServer` (TLS,
 token, health, reflection, limits, SIGTERM drain: see `--help`). Exit code 2: bad arguments or a
 verifier that cannot be loaded or built.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 from reward_servers.base import Verifier
 from reward_servers.servicer import RequestLimits, RewardServicer
-from rpp_lightning.server_config import add_server_arguments, server_config_from_args
-from rpp_lightning.serving import GrpcServer, configure_logging, die_with_parent_if_asked
+from rpp_lightning.rpc.server_config import add_server_arguments, server_config_from_args
+from rpp_lightning.rpc.serving import GrpcServer, configure_logging, die_with_parent_if_asked
 
 BUILTIN = {
     "math": "reward_servers.math_verifier:MathVerifier",

@@ -37,7 +37,7 @@ from reward_servers.worker_pool import (
     PoolClosed,
     WorkerPool,
 )
-from rpp_lightning.serving import StatusError
+from rpp_lightning.rpc.serving import StatusError
 
 FALLBACKS = ("boxed", "answer_is", "last_number")
 """Answer extraction methods, tried in order: \\boxed{...}, "the answer is ...", last number."""

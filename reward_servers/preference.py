@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone, wait_for_futures
-from rpp_lightning.serving import StatusError
+from rpp_lightning.rpc.serving import StatusError
 
 log = logging.getLogger("rpp.reward.preference")
 

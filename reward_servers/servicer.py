@@ -18,7 +18,7 @@ import grpc
 
 from reward_servers.base import SampleInput, Verifier, serving_call
 from rpp_lightning.proto import REWARD_SERVICE, reward_pb2, reward_pb2_grpc
-from rpp_lightning.serving import ServiceSpec, StatusError, invalid_argument, quote
+from rpp_lightning.rpc.serving import ServiceSpec, StatusError, invalid_argument, quote
 
 log = logging.getLogger("rpp.reward")
 

@@ -6,7 +6,8 @@
     rpp-train fit --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt   # resume
 
 Every YAML key has a flag of the same dotted name; `rpp-train fit --help` lists them with their
-docstrings, and `rpp-train fit --print_config` shows the resolved configuration.
+docstrings, and `rpp-train fit --print_config` shows the resolved configuration. Launchers run
+this module: `rpp-train`, `python -m rpp_lightning.cli`, `fabric run rpp_lightning/cli.py`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from rpp_lightning.data import PromptDataModule
-from rpp_lightning.faults import EXIT_SERVER_FAILURE, TrainingInterrupted
-from rpp_lightning.module import ReinforcePP
-from rpp_lightning.progress import default_progress_bar
-from rpp_lightning.replicas import INTERRUPTED
-from rpp_lightning.strategy import register as register_strategies
+from rpp_lightning.rl.faults import EXIT_SERVER_FAILURE, TrainingInterrupted
+from rpp_lightning.rpc.replicas import INTERRUPTED
+from rpp_lightning.trainer.data import PromptDataModule
+from rpp_lightning.trainer.module import ReinforcePP
+from rpp_lightning.trainer.progress import default_progress_bar
+from rpp_lightning.trainer.strategy import register as register_strategies
 
 
 def _tokenizer_dir(policy) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rpp_lightning.algorithms.advantages import EstimatorName
-from rpp_lightning.channels import ChannelConfig
+from rpp_lightning.rpc.channels import ChannelConfig
 
 
 def _raise_all(group: str, problems: list[str]) -> None:

@@ -26,9 +26,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from rpp_lightning.cli import RppCLI
 from rpp_lightning.config import OptimConfig, PolicyConfig
-from rpp_lightning.data import PromptDataModule, PromptRow
-from rpp_lightning.policy import export_hf, full_state_dict, load_causal_lm
+from rpp_lightning.rl.experience import PromptRow
+from rpp_lightning.rl.policy import export_hf, full_state_dict, load_causal_lm
+from rpp_lightning.trainer.data import PromptDataModule
 
 log = logging.getLogger("rpp.sft")
 
@@ -231,8 +233,6 @@ class SFT(pl.LightningModule):
 
 def cli_main(args: list[str] | None = None, run: bool = True):
     """`python -m rpp_lightning.sft fit --config ...`: the same CLI conventions as `rpp-train`."""
-    from rpp_lightning.cli import RppCLI
-
     return RppCLI(
         SFT,
         SFTDataModule,

@@ -90,7 +90,7 @@ def _run(argv: list[str], cwd: Path, timeout_s: float, env: dict | None = None) 
 def _server(argv: list[str], name: str, loaded: str, timeout_s: float) -> Iterator[str]:
     """A server CLI as a child process; yields its address. Its start-up log must say `loaded`
     (from its "loaded PATH on DEVICE ..." line: where the model went)."""
-    from rpp_lightning.local_servers import ChildServer
+    from rpp_lightning.clients.local_servers import ChildServer
 
     server = ChildServer(argv, name=name, env=ENV, start_timeout_s=timeout_s)
     try:
@@ -185,7 +185,7 @@ def preference_bf16(device: str, timeout_s: float) -> str:
     _require_cuda(device)
     import grpc
 
-    from rpp_lightning.local_servers import reward_server_argv
+    from rpp_lightning.clients.local_servers import reward_server_argv
     from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
     from rpp_lightning.tiny import save_tiny_classifier
 
@@ -226,8 +226,8 @@ def generation_cuda(device: str, timeout_s: float) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rpp_lightning.generation.client import GenerationClient, SamplingConfig
-    from rpp_lightning.local_servers import generation_server_argv
+    from rpp_lightning.clients.generation import GenerationClient, SamplingConfig
+    from rpp_lightning.clients.local_servers import generation_server_argv
     from rpp_lightning.tiny import save_tiny_causal_lm
 
     prompts = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67], [1, 30, 31]]

@@ -24,7 +24,7 @@ OPEN_BRACES_RESPONSE = "\\boxed{" * 8000
 """The brace scan was quadratic in unclosed \\boxed{ (7 s of CPU after the caller left)."""
 LONG_ID = "d" * 100_000
 MAX_MESSAGE_BYTES = 1000
-"""What a status message may take (rpp_lightning.serving.MAX_STATUS_MESSAGE_BYTES)."""
+"""What a status message may take (rpp_lightning.rpc.serving.MAX_STATUS_MESSAGE_BYTES)."""
 
 
 def score_request(*samples: tuple[str, str, str], metadata=None) -> reward_pb2.ScoreRequest:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rpp_lightning.local_servers import ChildServer
+from rpp_lightning.clients.local_servers import ChildServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

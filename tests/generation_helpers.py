@@ -16,13 +16,13 @@ import grpc
 import torch
 
 from rpp_lightning.generation.backend import Backend
-from rpp_lightning.generation.seeds import row_seed
 from rpp_lightning.generation.server import GenerationLimits, GenerationServicer
 from rpp_lightning.generation.transformers_backend import TransformersBackend, row_uniforms
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.proto import generation_pb2_grpc
-from rpp_lightning.server_config import ServerConfig
-from rpp_lightning.serving import GrpcServer
+from rpp_lightning.rpc.seeds import row_seed
+from rpp_lightning.rpc.server_config import ServerConfig
+from rpp_lightning.rpc.serving import GrpcServer
 
 
 @contextlib.contextmanager

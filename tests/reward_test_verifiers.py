@@ -17,8 +17,8 @@ import grpc
 from reward_servers.base import SampleInput, ScoreResult, Verifier, client_gone
 from reward_servers.servicer import RequestLimits, RewardServicer
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-from rpp_lightning.server_config import ServerConfig
-from rpp_lightning.serving import GrpcServer, StatusError
+from rpp_lightning.rpc.server_config import ServerConfig
+from rpp_lightning.rpc.serving import GrpcServer, StatusError
 
 
 class SleepyLength(Verifier):

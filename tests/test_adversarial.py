@@ -38,8 +38,8 @@ from reward_test_verifiers import reward_stub, serving
 
 from reward_servers.math_verifier import MathVerifier, _ReferenceCache
 from rpp_lightning.generation.server import GenerationLimits
-from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
+from rpp_lightning.weight_transport.wire import directory_update_requests, iter_update_requests
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -254,7 +254,7 @@ def test_a_caller_that_leaves_mid_batch_costs_at_most_one_decode_step(tiny_lm_pa
     from rpp_lightning.generation.backend import SampleRow
     from rpp_lightning.generation.scheduler import Scheduler
     from rpp_lightning.generation.transformers_backend import TransformersBackend
-    from rpp_lightning.serving import StatusError
+    from rpp_lightning.rpc.serving import StatusError
 
     backend = _CountingSteps(TransformersBackend(str(tiny_lm_path), device="cpu"))
     scheduler = Scheduler(backend, max_batch_size=64)

@@ -27,17 +27,16 @@ from tiny_parts import (
 )
 
 from rpp_lightning.algorithms import get_estimator, position_ids
-from rpp_lightning.behaviour import WeightSnapshots, agreed_ages, behaviour_log_probs
-from rpp_lightning.data import PromptRow
-from rpp_lightning.experience import Experience
-from rpp_lightning.experience_maker import ExperienceMaker
-from rpp_lightning.models import Models
-from rpp_lightning.pipeline import RolloutPipeline, RolloutsTooOld
-from rpp_lightning.policy import load_causal_lm, response_log_probs
-from rpp_lightning.rollout_source import RolloutSource
-from rpp_lightning.timing import BusyClock
-from rpp_lightning.update import micro_batch_loss
-from rpp_lightning.weight_sync import WeightSync
+from rpp_lightning.rl.behaviour import WeightSnapshots, agreed_ages, behaviour_log_probs
+from rpp_lightning.rl.experience import Experience, PromptRow
+from rpp_lightning.rl.experience_maker import ExperienceMaker
+from rpp_lightning.rl.models import Models
+from rpp_lightning.rl.pipeline import RolloutPipeline, RolloutsTooOld
+from rpp_lightning.rl.policy import load_causal_lm, response_log_probs
+from rpp_lightning.rl.rollout_source import RolloutSource
+from rpp_lightning.rl.timing import BusyClock
+from rpp_lightning.rl.update import micro_batch_loss
+from rpp_lightning.rl.weight_sync import WeightSync
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

@@ -19,15 +19,15 @@ import torch
 from conftest import ROOT, ServerProcess, python_module
 from test_trainer import served_version
 
+from rpp_lightning.clients.generation import GenerationClient, SamplingConfig, StaleWeightsError
+from rpp_lightning.clients.local_servers import ChildServer
+from rpp_lightning.clients.rewards import RewardClient, RewardError, RewardQuery
 from rpp_lightning.config import RewardSource
-from rpp_lightning.faults import EXIT_SERVER_FAILURE
-from rpp_lightning.generation.client import GenerationClient, SamplingConfig, StaleWeightsError
-from rpp_lightning.local_servers import ChildServer
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.rewards import RewardClient, RewardError, RewardQuery
-from rpp_lightning.server_config import ServerConfig
-from rpp_lightning.serving import GrpcServer, ServiceSpec
+from rpp_lightning.rl.faults import EXIT_SERVER_FAILURE
+from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.server_config import ServerConfig
+from rpp_lightning.rpc.serving import GrpcServer, ServiceSpec
 
 SERVICE = "rpp.v1.RewardService"
 FAST = FailurePolicy(retry_budget_s=2.0, initial_backoff_s=0.1, max_backoff_s=0.5)
@@ -334,16 +334,18 @@ BAD_INPUTS = {
 def test_bad_trainer_input_fails_before_any_server_starts(case, tmp_path, monkeypatch) -> None:
     import json
 
-    import rpp_lightning.servers
+    import rpp_lightning.rl.trainer_servers
     from rpp_lightning.cli import cli_main
 
     rows, overrides, message = BAD_INPUTS[case]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
     started = []
-    real = rpp_lightning.servers.ChildServer
+    real = rpp_lightning.rl.trainer_servers.ChildServer
     monkeypatch.setattr(
-        rpp_lightning.servers, "ChildServer", lambda *a, **k: started.append(a) or real(*a, **k)
+        rpp_lightning.rl.trainer_servers,
+        "ChildServer",
+        lambda *a, **k: started.append(a) or real(*a, **k),
     )
     monkeypatch.chdir(tmp_path)
     args = [

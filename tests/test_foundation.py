@@ -44,9 +44,9 @@ _BLOCK_TORCH = (
         ["rpp_lightning.proto.reward_pb2", "rpp_lightning.proto.reward_pb2_grpc"],
         ["rpp_lightning.proto.generation_pb2", "rpp_lightning.proto.generation_pb2_grpc"],
         [
-            "rpp_lightning.serving",
-            "rpp_lightning.server_config",
-            "rpp_lightning.channels",
+            "rpp_lightning.rpc.serving",
+            "rpp_lightning.rpc.server_config",
+            "rpp_lightning.rpc.channels",
             "reward_servers",
         ],
     ],
@@ -71,7 +71,7 @@ def test_start_calls_runs_a_lone_call_here_and_several_in_parallel() -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from rpp_lightning.channels import start_calls
+    from rpp_lightning.rpc.channels import start_calls
 
     def fail() -> None:
         raise ValueError("bad call")

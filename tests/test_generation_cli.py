@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from rpp_lightning.channels import ChannelConfig
-from rpp_lightning.generation.client import GenerationClient, SamplingConfig
+from rpp_lightning.clients.generation import GenerationClient, SamplingConfig
+from rpp_lightning.rpc.channels import ChannelConfig
 
 MODULE = "rpp_lightning.generation.cli"
 

@@ -21,7 +21,7 @@ from generation_helpers import (
 )
 from transformers import AutoModelForCausalLM
 
-from rpp_lightning.generation.client import GenerationClient, SamplingConfig
+from rpp_lightning.clients.generation import GenerationClient, SamplingConfig
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.proto import generation_pb2 as pb
 

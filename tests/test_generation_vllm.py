@@ -55,8 +55,8 @@ from generation_helpers import (
 from test_trainer import read_metrics, run_ok
 from transformers import AutoModelForCausalLM
 
+from rpp_lightning.clients.generation import GenerationClient, SamplingConfig, WeightSyncError
 from rpp_lightning.generation.backend import SampleRow
-from rpp_lightning.generation.client import GenerationClient, SamplingConfig, WeightSyncError
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.generation.vllm_backend import VLLMBackend, VLLMConfig
 from rpp_lightning.proto import generation_pb2 as pb

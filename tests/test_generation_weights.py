@@ -13,19 +13,19 @@ from generation_helpers import reference_sample, request, running_server, stub_f
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from rpp_lightning.generation.backend import SampleRow
-from rpp_lightning.generation.client import (
+from rpp_lightning.clients.generation import (
     GenerationClient,
     SamplingConfig,
     StaleWeightsError,
     WeightSyncError,
 )
+from rpp_lightning.generation.backend import SampleRow
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.generation.transformers_backend import TransformersBackend
-from rpp_lightning.generation.weights import WeightsAssembler, iter_update_requests
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.serving import StatusError
+from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.serving import StatusError
+from rpp_lightning.weight_transport.wire import WeightsAssembler, iter_update_requests
 
 PROMPTS = [[1, 30, 31, 32], [1, 70, 71]]
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=12, seed=0)

@@ -58,3 +58,44 @@ def longest_chain(graph, start: str) -> list[str]:
 def test_import_depth_from_the_cli_is_bounded() -> None:
     chain = longest_chain(_graph(), "rpp_lightning.cli")
     assert len(chain) - 1 <= MAX_DEPTH, " -> ".join(chain)
+
+
+def test_the_module_names_of_0_1_still_import_to_the_same_objects() -> None:
+    """YAML class paths, pickled checkpoint classes and scripts name modules by their 0.1 path."""
+    import importlib
+    import pickle
+
+    from rpp_lightning._moved import MOVED
+
+    for old, new in MOVED.items():
+        old_module, new_module = importlib.import_module(old), importlib.import_module(new)
+        shared = [n for n in vars(new_module) if not n.startswith("__")]
+        assert shared and all(getattr(old_module, n) is getattr(new_module, n) for n in shared)
+    from rpp_lightning.rpc.replicas import FailurePolicy
+
+    # a checkpoint of 0.1 pickled this class under its old module name
+    old_pickle = pickle.dumps(FailurePolicy(retry_budget_s=7.0), protocol=0).replace(
+        b"rpp_lightning.rpc.replicas", b"rpp_lightning.replicas"
+    )
+    assert b"rpp_lightning.replicas" in old_pickle
+    assert pickle.loads(old_pickle) == FailurePolicy(retry_budget_s=7.0)
+
+
+def test_a_yaml_file_naming_the_classes_by_their_0_1_paths_still_configures_a_run(tmp_path) -> None:
+    from conftest import ROOT
+
+    from rpp_lightning.cli import cli_main
+    from rpp_lightning.trainer.checkpoints import IterationCheckpoint
+    from rpp_lightning.trainer.plots import TrainingCurves
+
+    config = tmp_path / "old.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: rpp_lightning.plots.TrainingCurves\n"
+        "    - class_path: rpp_lightning.checkpoints.IterationCheckpoint\n"
+        "      init_args: {every_n_iterations: 2}\n"
+    )
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(config)]
+    cli = cli_main(args, run=False)
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {TrainingCurves, IterationCheckpoint} <= kinds

@@ -7,7 +7,7 @@ import torch
 from two_ranks import run_on_two_ranks
 
 from rpp_lightning.config import PolicyConfig
-from rpp_lightning.policy import full_state_dict, load_causal_lm, load_sharded_causal_lm
+from rpp_lightning.rl.policy import full_state_dict, load_causal_lm, load_sharded_causal_lm
 
 
 def _worker(rank: int, model_dir: str, out_dir: str) -> None:

@@ -16,8 +16,8 @@ from math_verify import parse, verify
 from reward_test_verifiers import request, reward_stub, serving
 
 from reward_servers.math_verifier import MathVerifier, extract_answer, extract_boxed
+from rpp_lightning.clients.rewards import RewardClient, RewardQuery
 from rpp_lightning.config import RewardSource
-from rpp_lightning.rewards import RewardClient, RewardQuery
 
 # Real pathological input: sympy evaluates the factorial of 10^8, which takes minutes.
 PATHOLOGICAL = r"\boxed{(10^{8})!}"

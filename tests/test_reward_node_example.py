@@ -11,10 +11,10 @@ import pytest
 from conftest import ROOT
 from reward_test_verifiers import request
 
-from rpp_lightning.channels import ChannelConfig, open_channel
+from rpp_lightning.clients.rewards import RewardClient, RewardQuery
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
-from rpp_lightning.rewards import RewardClient, RewardQuery
+from rpp_lightning.rpc.channels import ChannelConfig, open_channel
 
 EXAMPLE = ROOT / "examples" / "node_verifier"
 

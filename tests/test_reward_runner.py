@@ -30,7 +30,7 @@ from reward_test_verifiers import (
 from reward_servers.base import wait_for_futures
 from reward_servers.servicer import RequestLimits
 from rpp_lightning.proto import reward_pb2
-from rpp_lightning.server_config import ServerConfig
+from rpp_lightning.rpc.server_config import ServerConfig
 
 
 def test_health_reflection_and_info():

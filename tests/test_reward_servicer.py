@@ -11,7 +11,7 @@ from reward_test_verifiers import ExactMatch, SleepyLength, request
 from reward_servers.base import SampleInput, ScoreResult, Verifier
 from reward_servers.cli import parse_verifier_args
 from reward_servers.servicer import RequestLimits, RewardServicer
-from rpp_lightning.serving import StatusError
+from rpp_lightning.rpc.serving import StatusError
 
 
 class FixedRewards(Verifier):

@@ -32,16 +32,16 @@ from tiny_parts import (
 from torch import nn
 from two_ranks import run_on_two_ranks
 
-from rpp_lightning.data import PromptRow
-from rpp_lightning.evaluation import Evaluator, accuracy
-from rpp_lightning.faults import ServerFailure
-from rpp_lightning.generation.client import GenerationClient, Rollout, StaleWeightsError
-from rpp_lightning.policy import load_causal_lm
-from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.rewards import RewardBatch
-from rpp_lightning.rollout_source import MAX_PUSHES, Outcome, RolloutSource
-from rpp_lightning.servers import TrainerServers
-from rpp_lightning.weight_sync import WeightSync
+from rpp_lightning.clients.generation import GenerationClient, Rollout, StaleWeightsError
+from rpp_lightning.clients.rewards import RewardBatch
+from rpp_lightning.rl.evaluation import Evaluator, accuracy
+from rpp_lightning.rl.experience import PromptRow
+from rpp_lightning.rl.faults import ServerFailure
+from rpp_lightning.rl.policy import load_causal_lm
+from rpp_lightning.rl.rollout_source import MAX_PUSHES, Outcome, RolloutSource
+from rpp_lightning.rl.trainer_servers import TrainerServers
+from rpp_lightning.rl.weight_sync import WeightSync
+from rpp_lightning.rpc.replicas import FailurePolicy
 
 
 @dataclass

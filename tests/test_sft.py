@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from rpp_lightning.data import PromptRow
+from rpp_lightning.rl.experience import PromptRow
 from rpp_lightning.sft import IGNORE_INDEX, collate, sft_example
 from rpp_lightning.tasks.arithmetic import (
     LEVELS,

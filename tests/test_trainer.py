@@ -445,7 +445,7 @@ def test_export_on_request_with_sigusr1(servers, tmp_path) -> None:
     argv = [
         sys.executable, "-m", "rpp_lightning.cli",
         *fit_args(
-            "--trainer.callbacks+=rpp_lightning.progress.IterationTQDMProgressBar",
+            "--trainer.callbacks+=rpp_lightning.trainer.progress.IterationTQDMProgressBar",
             *remote(servers, "--model.rollout.max_iterations", "4", "--model.export_dir", "null"),
         ),
     ]  # fmt: skip

@@ -10,13 +10,13 @@ import torch
 from conftest import ROOT
 
 from rpp_lightning.cli import cli_main
+from rpp_lightning.clients.rewards import RewardClient, RewardQuery
 from rpp_lightning.config import RewardSource, RolloutConfig
-from rpp_lightning.data import PromptDataModule, ResumableSampler, read_rows
-from rpp_lightning.experience import Experience, pack_rollouts
-from rpp_lightning.rewards import RewardClient, RewardQuery
-from rpp_lightning.server_config import ServerConfig
-from rpp_lightning.serving import GrpcServer
-from rpp_lightning.update import PolicyUpdateConfig, micro_batch_loss, policy_update
+from rpp_lightning.rl.experience import Experience, pack_rollouts
+from rpp_lightning.rl.update import PolicyUpdateConfig, micro_batch_loss, policy_update
+from rpp_lightning.rpc.server_config import ServerConfig
+from rpp_lightning.rpc.serving import GrpcServer
+from rpp_lightning.trainer.data import PromptDataModule, ResumableSampler, read_rows
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINER_CONFIGS = [p for p in CONFIGS if not p.name.startswith("sft")]
@@ -120,7 +120,7 @@ def test_group_estimator_with_one_sample_is_refused(tmp_path, monkeypatch) -> No
 def test_log_probs_are_taken_at_the_sampling_temperature(tmp_path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    from rpp_lightning.policy import response_log_probs
+    from rpp_lightning.rl.policy import response_log_probs
     from rpp_lightning.tiny import tiny_llama_config
 
     torch.manual_seed(0)
@@ -162,7 +162,7 @@ def test_policy_update_steps_once_per_mini_batch_and_epoch(tmp_path, monkeypatch
 
     from transformers import AutoModelForCausalLM
 
-    from rpp_lightning.policy import response_log_probs
+    from rpp_lightning.rl.policy import response_log_probs
     from rpp_lightning.tiny import tiny_llama_config
 
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def test_policy_update_steps_once_per_mini_batch_and_epoch(tmp_path, monkeypatch
 
 
 def test_critic_is_built_for_ppo_only_from_the_policys_weights(tmp_path, monkeypatch) -> None:
-    from rpp_lightning.critic import CriticModel
+    from rpp_lightning.rl.critic import CriticModel
 
     for estimator in ["reinforce_pp", "reinforce_pp_baseline", "grpo", "rloo"]:
         module = _module(tmp_path, monkeypatch, estimator)
@@ -220,9 +220,9 @@ def test_critic_is_built_for_ppo_only_from_the_policys_weights(tmp_path, monkeyp
 
 
 def test_kl_coef_zero_loads_and_runs_no_reference_model(tmp_path, monkeypatch) -> None:
-    from rpp_lightning.generation.client import Rollout
-    from rpp_lightning.metrics import rollout_metrics
-    from rpp_lightning.rewards import RewardBatch
+    from rpp_lightning.clients.generation import Rollout
+    from rpp_lightning.clients.rewards import RewardBatch
+    from rpp_lightning.rl.metrics import rollout_metrics
 
     with_kl = _module(tmp_path, monkeypatch, "grpo")
     with_kl.configure_model()
@@ -255,8 +255,8 @@ def test_kl_coef_zero_loads_and_runs_no_reference_model(tmp_path, monkeypatch) -
 def test_critic_value_loss_on_a_fixed_batch_falls(tmp_path, monkeypatch) -> None:
     from dataclasses import replace
 
-    from rpp_lightning.critic import experience_values
-    from rpp_lightning.update import critic_update
+    from rpp_lightning.rl.critic import experience_values
+    from rpp_lightning.rl.update import critic_update
 
     module = _module(tmp_path, monkeypatch, "ppo")
     algorithm = replace(module.algorithm, mini_batch_size=4)
@@ -302,9 +302,9 @@ def test_single_forward_update_equals_two_forwards(tmp_path, monkeypatch) -> Non
 
     from transformers import AutoModelForCausalLM
 
-    from rpp_lightning.policy import experience_log_probs, response_log_probs
+    from rpp_lightning.rl.policy import experience_log_probs, response_log_probs
+    from rpp_lightning.rl.update import single_forward_update
     from rpp_lightning.tiny import tiny_llama_config
-    from rpp_lightning.update import single_forward_update
 
     module = _module(tmp_path, monkeypatch, "reinforce_pp_baseline")  # KL loss on top
     algorithm = replace(module.algorithm, mini_batch_size=4, micro_batch_size=4, entropy_coef=0.1)
@@ -360,13 +360,13 @@ def test_experience_of_a_batch_and_a_failed_reward_call() -> None:
     from transformers import AutoModelForCausalLM
 
     from rpp_lightning.algorithms import get_estimator
+    from rpp_lightning.clients.generation import Rollout
+    from rpp_lightning.clients.rewards import RewardBatch, RewardError
     from rpp_lightning.config import AlgorithmConfig
-    from rpp_lightning.experience import RolloutBatch
-    from rpp_lightning.experience_maker import ExperienceMaker
-    from rpp_lightning.faults import ServerFailure
-    from rpp_lightning.generation.client import Rollout
-    from rpp_lightning.models import Models
-    from rpp_lightning.rewards import RewardBatch, RewardError
+    from rpp_lightning.rl.experience import RolloutBatch
+    from rpp_lightning.rl.experience_maker import ExperienceMaker
+    from rpp_lightning.rl.faults import ServerFailure
+    from rpp_lightning.rl.models import Models
     from rpp_lightning.tiny import tiny_llama_config
 
     maker = ExperienceMaker(
@@ -413,10 +413,9 @@ def test_weight_sync_numbers_its_pushes_and_survives_one_no_replica_took(caplog)
     """WeightSync alone, with servers that serve version 5 when it starts."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
-    from rpp_lightning.faults import WeightPushError
-    from rpp_lightning.weight_sync import WeightSync
+    from rpp_lightning.rl.distributed import SingleProcess
+    from rpp_lightning.rl.faults import WeightPushError
+    from rpp_lightning.rl.weight_sync import WeightSync
 
     generation = _FakeGeneration()
     servers = SimpleNamespace(
@@ -426,7 +425,7 @@ def test_weight_sync_numbers_its_pushes_and_survives_one_no_replica_took(caplog)
     sync = WeightSync(servers, max_staleness=1)
     with pytest.raises(RuntimeError, match="connect"):
         sync.push(model)  # the ranks are not known yet
-    sync.connect(SingleDeviceStrategy(device=torch.device("cpu")))
+    sync.connect(SingleProcess())
     sync.ensure_synced(model)
     sync.ensure_synced(model)  # once: after it, the servers serve what was pushed
     assert generation.pushed == [6] and sync.version == 6  # after what they served

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from two_ranks import run_on_two_ranks
 
-from rpp_lightning.metrics import reduce_metrics
-from rpp_lightning.update import check_same_rows_on_every_rank
+from rpp_lightning.rl.metrics import reduce_metrics
+from rpp_lightning.rl.update import check_same_rows_on_every_rank
 
 
 def _worker(rank: int, out_dir: str) -> None:
@@ -57,7 +57,7 @@ UPDATE_METRICS = ("policy_loss", "clip_fraction", "approx_kl", "ratio", "kl_loss
 def _update_config(mini_batch_size: int):
     from rpp_lightning.algorithms import get_estimator
     from rpp_lightning.config import AlgorithmConfig
-    from rpp_lightning.update import PolicyUpdateConfig
+    from rpp_lightning.rl.update import PolicyUpdateConfig
 
     # reinforce_pp_baseline puts KL in the loss (k2): kl_loss is logged; entropy_coef: the bonus
     algorithm = AlgorithmConfig(
@@ -69,8 +69,8 @@ def _update_config(mini_batch_size: int):
 
 def _update_stats(model, exp, mini_batch_size: int, group=None) -> dict[str, float]:
     """An update's logged statistics, reduced over ranks as the trainer logs them."""
-    from rpp_lightning.metrics import update_metrics
-    from rpp_lightning.update import policy_update
+    from rpp_lightning.rl.metrics import update_metrics
+    from rpp_lightning.rl.update import policy_update
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     steps = policy_update(
@@ -84,7 +84,7 @@ def _stats_worker(rank: int, model_dir: str, exp_path: str, out_dir: str) -> Non
     from torch.distributed.device_mesh import init_device_mesh
 
     from rpp_lightning.config import PolicyConfig
-    from rpp_lightning.policy import load_sharded_causal_lm
+    from rpp_lightning.rl.policy import load_sharded_causal_lm
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
     model = load_sharded_causal_lm(PolicyConfig(path=model_dir), mesh, torch.device("cpu"))
@@ -97,8 +97,8 @@ def _stats_worker(rank: int, model_dir: str, exp_path: str, out_dir: str) -> Non
 
 def _off_policy_batch(model):
     """8 rollouts with log π_old a little off the model's, so ratios, clips and KL are not 0."""
-    from rpp_lightning.experience import Experience, pack_rollouts
-    from rpp_lightning.policy import response_log_probs
+    from rpp_lightning.rl.experience import Experience, pack_rollouts
+    from rpp_lightning.rl.policy import response_log_probs
 
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 100, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import yaml
 from conftest import ROOT
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from rpp_lightning.clients.local_servers import ChildServer
 from rpp_lightning.config import (
     AlgorithmConfig,
     GenerationEndpoint,
@@ -20,14 +20,15 @@ from rpp_lightning.config import (
     RewardSource,
     RolloutConfig,
 )
-from rpp_lightning.data import PromptDataModule, PromptRow
-from rpp_lightning.local_servers import ChildServer
-from rpp_lightning.policy import save_causal_lm
-from rpp_lightning.servers import TrainerServers
+from rpp_lightning.rl.distributed import SingleProcess
+from rpp_lightning.rl.experience import PromptRow
+from rpp_lightning.rl.policy import save_causal_lm
+from rpp_lightning.rl.trainer_servers import TrainerServers
+from rpp_lightning.trainer.data import PromptDataModule
 
 TOKENIZER = str(ROOT / "assets" / "char_tokenizer")
 CPU = torch.device("cpu")
-ONE_PROCESS = SingleDeviceStrategy(device=CPU)  # rank 0 of 1: broadcast returns its object
+ONE_PROCESS = SingleProcess(CPU)  # rank 0 of 1, no Lightning: the parts need only `Ranks`
 
 
 def tiny_model_settings() -> dict[str, Any]:

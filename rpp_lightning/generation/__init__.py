@@ -1,1 +1,1 @@
-"""Generation servers (transformers and vLLM backends) and the client the trainer uses."""
+"""The generation server and its backends (transformers, vLLM); the client is in clients/."""

@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rpp_lightning.server_config import add_server_arguments, server_config_from_args
-from rpp_lightning.serving import GrpcServer, configure_logging, die_with_parent_if_asked
+from rpp_lightning.rpc.server_config import add_server_arguments, server_config_from_args
+from rpp_lightning.rpc.serving import GrpcServer, configure_logging, die_with_parent_if_asked
 
 log = logging.getLogger("rpp.generation")
 

@@ -29,7 +29,7 @@ import grpc
 import torch
 
 from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow
-from rpp_lightning.serving import StatusError
+from rpp_lightning.rpc.serving import StatusError
 
 log = logging.getLogger("rpp.generation")
 

@@ -22,22 +22,22 @@ import grpc
 
 from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow
 from rpp_lightning.generation.scheduler import Scheduler, version_refusal
-from rpp_lightning.generation.seeds import row_seed
-from rpp_lightning.generation.weights import (
-    WeightsAssembler,
-    WeightsUpdate,
-    load_safetensors_dir,
-    resolve_under_root,
-)
 from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.serving import (
+from rpp_lightning.rpc.seeds import row_seed
+from rpp_lightning.rpc.serving import (
     ServiceSpec,
     StatusError,
     idle_limited,
     invalid_argument,
     quote,
     quote_list,
+)
+from rpp_lightning.weight_transport.wire import (
+    WeightsAssembler,
+    WeightsUpdate,
+    load_safetensors_dir,
+    resolve_under_root,
 )
 
 log = logging.getLogger("rpp.generation")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rpp_lightning.algorithms import position_ids
+from rpp_lightning.algorithms.losses import position_ids
 from rpp_lightning.generation.backend import BackendInfo, SampleResult, SampleRow
 
 log = logging.getLogger("rpp.generation")

@@ -26,20 +26,22 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from rpp_lightning.clients.generation import SamplingConfig, StaleWeightsError
+from rpp_lightning.clients.rewards import RewardBatch, RewardQuery
 from rpp_lightning.config import RolloutConfig
-from rpp_lightning.data import PromptRow
-from rpp_lightning.experience import Experience, RolloutBatch, pack_rollouts
-from rpp_lightning.faults import ServerFailure
-from rpp_lightning.generation.client import SamplingConfig, StaleWeightsError
-from rpp_lightning.pipeline import PendingBatch, RolloutPipeline, RolloutsTooOld
-from rpp_lightning.replicas import describe
-from rpp_lightning.rewards import RewardBatch, RewardQuery
-from rpp_lightning.servers import TrainerServers
-from rpp_lightning.strategy import max_over_ranks
-from rpp_lightning.timing import BusyClock, timed
+from rpp_lightning.rl.distributed import max_over_ranks
+from rpp_lightning.rl.experience import Experience, PromptRow, RolloutBatch, pack_rollouts
+from rpp_lightning.rl.faults import ServerFailure
+from rpp_lightning.rl.pipeline import PendingBatch, RolloutPipeline, RolloutsTooOld
+from rpp_lightning.rl.timing import BusyClock, timed
+from rpp_lightning.rpc.replicas import describe
+
+if TYPE_CHECKING:  # only named in annotations: the servers are built by the module
+    from rpp_lightning.rl.trainer_servers import TrainerServers
 
 log = logging.getLogger("rpp.faults")  # what the trainer does when generation fails
 

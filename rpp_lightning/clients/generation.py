@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from rpp_lightning.channels import ChannelConfig, start_calls, wait_until_serving
-from rpp_lightning.generation.seeds import mix_seed
-from rpp_lightning.generation.weights import directory_update_requests, iter_update_requests
 from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.replicas import FailurePolicy, ReplicaSet, describe
-from rpp_lightning.serving import server_seconds
+from rpp_lightning.rpc.channels import ChannelConfig, start_calls, wait_until_serving
+from rpp_lightning.rpc.replicas import FailurePolicy, ReplicaSet, describe
+from rpp_lightning.rpc.seeds import mix_seed
+from rpp_lightning.rpc.serving import server_seconds
+from rpp_lightning.weight_transport.wire import directory_update_requests, iter_update_requests
 
 log = logging.getLogger("rpp.generation.client")
 

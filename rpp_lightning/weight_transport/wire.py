@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.serving import invalid_argument, quote
+from rpp_lightning.rpc.serving import invalid_argument, quote
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 """Tensor bytes per stream message: far below gRPC's message limit, large enough that the

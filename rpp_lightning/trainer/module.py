@@ -11,9 +11,11 @@ It holds its parts, plain objects built with what they need and each tested alon
                                       ahead), their scoring, generation's fault handling
     experience       ExperienceMaker  log-probs, values, reward normalisation, advantages
     evaluator        Evaluator        greedy held-out evaluation
+    policy_export    PolicyExport     the Hugging Face export, at the end or on SIGUSR1
 
 and owns what is Lightning's: hooks, optimizers and the update, checkpoints, logging, and the
-stop on a server failure (faults.py). The math lives in `rpp_lightning.algorithms`.
+stop on a server failure (rl/faults.py). The parts live in rpp_lightning/rl/ and know nothing of
+Lightning; the math lives in `rpp_lightning.algorithms`.
 """
 
 from __future__ import annotations
@@ -21,17 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import signal
-import threading
 import time
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
 from rpp_lightning import algorithms as A
+from rpp_lightning.clients.rewards import check_routes
 from rpp_lightning.config import (
     AlgorithmConfig,
     CriticConfig,
@@ -41,32 +41,34 @@ from rpp_lightning.config import (
     RewardSource,
     RolloutConfig,
 )
-from rpp_lightning.data import PromptDataModule, PromptRow
-from rpp_lightning.evaluation import Evaluator, accuracy, summed_over_ranks
-from rpp_lightning.experience_maker import ExperienceMaker, IterationExperience
-from rpp_lightning.faults import ServerFailure, stop_for_server_failure
-from rpp_lightning.metrics import (
+from rpp_lightning.rl.distributed import data_parallel_group
+from rpp_lightning.rl.evaluation import Evaluator, accuracy, summed_over_ranks
+from rpp_lightning.rl.experience import PromptRow
+from rpp_lightning.rl.experience_maker import ExperienceMaker, IterationExperience
+from rpp_lightning.rl.faults import ServerFailure
+from rpp_lightning.rl.metrics import (
     iteration_metrics,
     reduce_metrics,
     staleness_metrics,
     update_metrics,
 )
-from rpp_lightning.models import Models, leave_reference_out_of_checkpoints, load_models
-from rpp_lightning.policy import export_hf, full_state_dict, save_causal_lm
-from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.rewards import check_routes
-from rpp_lightning.rollout_source import RolloutSource
-from rpp_lightning.servers import TrainerServers
-from rpp_lightning.strategy import data_parallel_group
-from rpp_lightning.timing import timed
-from rpp_lightning.update import (
+from rpp_lightning.rl.models import Models, leave_reference_out_of_checkpoints, load_models
+from rpp_lightning.rl.policy import save_causal_lm
+from rpp_lightning.rl.rollout_source import RolloutSource
+from rpp_lightning.rl.timing import timed
+from rpp_lightning.rl.trainer_servers import TrainerServers
+from rpp_lightning.rl.update import (
     PolicyUpdateConfig,
     build_optimizer,
     check_same_rows_on_every_rank,
     critic_update,
     policy_update,
 )
-from rpp_lightning.weight_sync import WeightSync
+from rpp_lightning.rl.weight_sync import WeightSync
+from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.trainer.checkpoints import stop_for_server_failure
+from rpp_lightning.trainer.data import PromptDataModule
+from rpp_lightning.trainer.export import PolicyExport
 
 log = logging.getLogger("rpp.train")
 PROGRESS_BAR_KEYS = ("reward", "accuracy", "kl", "response_length")
@@ -140,7 +142,8 @@ class ReinforcePP(pl.LightningModule):
             self.critic_config = critic or CriticConfig()
             self.critic_config.validate()
         self.eval_max_new_tokens = eval_max_new_tokens or self.rollout.max_new_tokens
-        self.evaluate_before_after, self.export_dir = evaluate_before_after, export_dir
+        self.evaluate_before_after = evaluate_before_after
+        self.policy_export = PolicyExport(export_dir)
         self.accuracy_before: float | None = None
         self.accuracy_after: float | None = None
         self.save_hyperparameters()
@@ -159,7 +162,6 @@ class ReinforcePP(pl.LightningModule):
         self.rollout_source: RolloutSource | None = None  # built once the policy exists
         self.iteration = 0
         self._val_sums: torch.Tensor | None = None
-        self._export_requested = False
         self._previous_step_start: float | None = None
         leave_reference_out_of_checkpoints(self)
 
@@ -173,7 +175,7 @@ class ReinforcePP(pl.LightningModule):
         elif self.rollout.max_staleness:
             raise ValueError(
                 "rollout.max_staleness >= 1 asks for the batches of later iterations ahead, "
-                "which needs rpp_lightning.data.PromptDataModule as the datamodule"
+                "which needs rpp_lightning.trainer.data.PromptDataModule as the datamodule"
             )
         self.servers.start(self.trainer.strategy)
         self.weight_sync.connect(self.trainer.strategy)
@@ -206,9 +208,7 @@ class ReinforcePP(pl.LightningModule):
         return batch
 
     def on_train_start(self) -> None:
-        # `kill -USR1 <pid of rank 0>` exports the policy after the current iteration
-        if self.global_rank == 0 and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, self._on_export_signal)
+        self.policy_export.listen_for_signal(self.global_rank)  # kill -USR1: export
         if self.rollout_source is None:  # the policy exists now: a re-push can gather it
             data = self.trainer.datamodule
             self.rollout_source = RolloutSource(
@@ -333,10 +333,8 @@ class ReinforcePP(pl.LightningModule):
         if self._is_last_iteration():
             self.trainer.should_stop = True
         self.iteration += 1
-        # an export asked for with SIGUSR1 (on rank 0) happens here, with every rank taking part
-        if self.trainer.strategy.broadcast(self._export_requested, src=0):
-            self._export_requested = False
-            self.export(self._export_path(f"hf_export_iter{self.iteration}"))
+        tokenizer = self.servers.tokenizer
+        self.policy_export.after_iteration(self.trainer, self.policy, tokenizer, self.iteration)
 
     def _log_metrics(self, metrics: dict[str, float | None]) -> None:
         """The progress bar's keys through `self.log`, every key straight to the loggers.
@@ -366,26 +364,11 @@ class ReinforcePP(pl.LightningModule):
                     f"{100 * self.accuracy_after:.1f}%",
                     flush=True,
                 )
-        if self.export_dir is not None:
-            self.export(self._export_path())
-
-    def _export_path(self, name: str = "hf_export") -> str:
-        if self.export_dir not in (None, "auto") and name == "hf_export":
-            return self.export_dir
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return str(Path(root) / name)
-
-    def _on_export_signal(self, signum, frame) -> None:
-        log.info("export requested (SIGUSR1): after the current iteration")
-        self._export_requested = True
+        self.policy_export.at_end(self.trainer, self.policy, self.servers.tokenizer)
 
     def export(self, path: str) -> None:
         """Write the policy in Hugging Face format (every rank must call this under FSDP)."""
-        state = full_state_dict(self.policy)
-        if self.global_rank == 0:
-            export_hf(self.policy, state, self.servers.tokenizer, path)
-            log.info("exported the policy to %s", path)
-        self.trainer.strategy.barrier("rpp-export")
+        self.policy_export.export(self.trainer, self.policy, self.servers.tokenizer, path)
 
     # ---- state ------------------------------------------------------------------------------
 

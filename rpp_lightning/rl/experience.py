@@ -10,10 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class PromptRow:
+    """One prompt ready for generation and scoring."""
+
+    prompt: str  # the text the policy sees (after the chat template)
+    prompt_ids: list[int]
+    reference: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rpp_lightning.server_config import ServerConfig
+from rpp_lightning.rpc.server_config import ServerConfig
 
 log = logging.getLogger("rpp.server")
 

@@ -14,14 +14,17 @@ strategy (which rank streams, and how the outcome reaches the others) in `setup`
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from lightning.pytorch.strategies import Strategy
 from torch import nn
 
-from rpp_lightning.behaviour import WeightSnapshots
-from rpp_lightning.faults import WeightPushError
-from rpp_lightning.policy import full_state_dict
-from rpp_lightning.servers import TrainerServers
+from rpp_lightning.rl.behaviour import WeightSnapshots
+from rpp_lightning.rl.distributed import Ranks
+from rpp_lightning.rl.faults import WeightPushError
+from rpp_lightning.rl.policy import full_state_dict
+
+if TYPE_CHECKING:  # only named in annotations: the servers are built by the module
+    from rpp_lightning.rl.trainer_servers import TrainerServers
 
 log = logging.getLogger("rpp.faults")  # what a push that failed did next: fault handling
 
@@ -36,12 +39,12 @@ class WeightSync:
         self.version = 0  # of the weights the generation servers serve (checkpointed)
         # the weights of the last max_staleness versions; None: synchronous rollouts need none
         self.snapshots = WeightSnapshots() if max_staleness else None
-        self._strategy: Strategy | None = None
+        self._ranks: Ranks | None = None
         self._synced = False  # pushed since this process started or restored a checkpoint
 
-    def connect(self, strategy: Strategy) -> None:
+    def connect(self, ranks: Ranks) -> None:
         """The ranks to push from: rank 0 streams, every rank learns the outcome."""
-        self._strategy = strategy
+        self._ranks = ranks
 
     def push(self, policy: nn.Module) -> None:
         """Push `policy`'s weights to every generation server as the next version.
@@ -50,21 +53,21 @@ class WeightSync:
         is broadcast so that a failed push stops every rank instead of leaving them waiting:
         WeightPushError on every rank alike.
         """
-        strategy = self._strategy
-        if strategy is None:
-            raise RuntimeError("WeightSync.connect(strategy) must come before a push")
+        ranks = self._ranks
+        if ranks is None:
+            raise RuntimeError("WeightSync.connect(ranks) must come before a push")
         state = full_state_dict(policy)
         version, error = None, None
-        if strategy.global_rank == 0:  # only rank 0 asks: another rank could see the new version
+        if ranks.global_rank == 0:  # only rank 0 asks: another rank could see the new version
             try:
                 # after the first push the servers serve what we pushed: no need to ask again
                 served = self.servers.served_version() if not self._synced else 0
                 version = max(self.version, served) + 1
-                dtype = self.servers.push_dtype(strategy.root_device.type)
+                dtype = self.servers.push_dtype(ranks.root_device.type)
                 self.servers.generation.push_weights(state, version, dtype=dtype)
             except Exception as exc:  # re-raised on every rank below
                 error = f"{type(exc).__name__}: {exc}"
-        version, error = strategy.broadcast((version, error), src=0)
+        version, error = ranks.broadcast((version, error), src=0)
         if version is not None:  # even if no replica took it: older weights are not the policy
             self.version = version
         if error:

@@ -14,18 +14,18 @@ import torch
 from torch import Tensor, nn
 
 from rpp_lightning import algorithms as A
-from rpp_lightning.behaviour import agreed_ages, behaviour_log_probs
+from rpp_lightning.clients.rewards import RewardBatch
 from rpp_lightning.config import AlgorithmConfig, RolloutConfig
-from rpp_lightning.critic import experience_values
-from rpp_lightning.experience import Experience, RolloutBatch
-from rpp_lightning.faults import ServerFailure
-from rpp_lightning.models import Models
-from rpp_lightning.policy import experience_log_probs, response_log_probs
-from rpp_lightning.replicas import describe
-from rpp_lightning.rewards import RewardBatch
-from rpp_lightning.strategy import any_rank, data_parallel_group
-from rpp_lightning.timing import timed
-from rpp_lightning.update import PolicyForward, single_forward_update
+from rpp_lightning.rl.behaviour import agreed_ages, behaviour_log_probs
+from rpp_lightning.rl.critic import experience_values
+from rpp_lightning.rl.distributed import any_rank, data_parallel_group
+from rpp_lightning.rl.experience import Experience, RolloutBatch
+from rpp_lightning.rl.faults import ServerFailure
+from rpp_lightning.rl.models import Models
+from rpp_lightning.rl.policy import experience_log_probs, response_log_probs
+from rpp_lightning.rl.timing import timed
+from rpp_lightning.rl.update import PolicyForward, single_forward_update
+from rpp_lightning.rpc.replicas import describe
 
 
 @dataclass

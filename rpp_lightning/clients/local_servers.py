@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 
-from rpp_lightning.serving import PARENT_PID_ENV
+from rpp_lightning.rpc.serving import PARENT_PID_ENV
 
 log = logging.getLogger("rpp.local_servers")
 _LISTENING = re.compile(r"listening on (\S+)")

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from rpp_lightning.behaviour import WeightSnapshots
 from rpp_lightning.config import CriticConfig, PolicyConfig
-from rpp_lightning.critic import load_critic, load_sharded_critic
-from rpp_lightning.policy import load_causal_lm, load_sharded_causal_lm
+from rpp_lightning.rl.behaviour import WeightSnapshots
+from rpp_lightning.rl.critic import load_critic, load_sharded_critic
+from rpp_lightning.rl.policy import load_causal_lm, load_sharded_causal_lm
 
 REFERENCE_PREFIX = "reference."  # the frozen reference model's keys (never checkpointed)
 

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from rpp_lightning.algorithms import masked_mean
-from rpp_lightning.experience import Experience
-from rpp_lightning.rewards import RewardBatch
+from rpp_lightning.clients.rewards import RewardBatch
+from rpp_lightning.rl.experience import Experience
 
 if TYPE_CHECKING:  # for annotations only: metrics read the experience, never make it
-    from rpp_lightning.experience_maker import IterationExperience
+    from rpp_lightning.rl.experience_maker import IterationExperience
 
 
 def rollout_metrics(

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rpp_lightning.experience import Experience
+from rpp_lightning.rl.experience import Experience
 
 LogProbs = Callable[[nn.Module, Experience], tuple[Tensor, Tensor | None]]
 """(log-probs (N, R), entropy (N, R) or None) of a model on a batch, without grad."""

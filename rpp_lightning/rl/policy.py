@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from rpp_lightning.algorithms import entropy_from_logits, log_probs_from_logits, position_ids
+from rpp_lightning.algorithms.losses import entropy_from_logits, log_probs_from_logits, position_ids
 from rpp_lightning.config import PolicyConfig
-from rpp_lightning.experience import Experience, per_token_in_micro_batches
+from rpp_lightning.rl.experience import Experience, per_token_in_micro_batches
 
 
 def load_causal_lm(config: PolicyConfig, reference: bool = False) -> nn.Module:

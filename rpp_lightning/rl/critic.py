@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from rpp_lightning.algorithms import position_ids
+from rpp_lightning.algorithms.losses import position_ids
 from rpp_lightning.config import CriticConfig, PolicyConfig
-from rpp_lightning.experience import Experience, per_token_in_micro_batches
-from rpp_lightning.policy import _for_training, _hf_config, load_causal_lm, load_sharded
+from rpp_lightning.rl.experience import Experience, per_token_in_micro_batches
+from rpp_lightning.rl.policy import _for_training, _hf_config, load_causal_lm, load_sharded
 
 log = logging.getLogger("rpp.critic")
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NoReturn
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from rpp_lightning.rl.faults import TrainingInterrupted
 
 
 def save_atomically(trainer: pl.Trainer, path: str, weights_only: bool = False) -> None:
@@ -94,3 +97,20 @@ class IterationCheckpoint(ModelCheckpoint):
                 shutil.rmtree(linkpath)  # a copy left by another mode: replace cannot swap it
             os.replace(fresh, linkpath)
         trainer.strategy.barrier()
+
+
+def stop_for_server_failure(trainer: pl.Trainer, iteration: int, message: str) -> NoReturn:
+    """Save the state before `iteration` on every rank, then raise TrainingInterrupted.
+
+    Every rank must call this (the save is a collective): callers act on a ServerFailure, which
+    every rank raises alike."""
+    callback = trainer.checkpoint_callback
+    directory = callback.dirpath if callback is not None and callback.dirpath else None
+    directory = directory or str(Path(trainer.default_root_dir) / "checkpoints")
+    path = str(Path(directory).resolve() / f"interrupted-iter{iteration}.ckpt")
+    save_atomically(trainer, path)  # collective: every rank agreed to stop here
+    raise TrainingInterrupted(
+        f"{message}\nstopped before iteration {iteration}; saved {path} "
+        f"(resume: rpp-train fit ... --ckpt_path {path})",
+        path,
+    )

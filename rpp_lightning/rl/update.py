@@ -14,9 +14,9 @@ from torch import nn
 
 from rpp_lightning import algorithms as A
 from rpp_lightning.config import AlgorithmConfig, CriticConfig, OptimConfig
-from rpp_lightning.critic import response_values
-from rpp_lightning.experience import Experience
-from rpp_lightning.policy import response_log_probs
+from rpp_lightning.rl.critic import response_values
+from rpp_lightning.rl.experience import Experience
+from rpp_lightning.rl.policy import response_log_probs
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,15 @@
   version still moves on, so the next iteration finds no replica serving it and pushes again.
 - Past the budget, the ranks agree on it before their next collective (none is left waiting in
   one): the part that called raises ServerFailure on every rank alike; the module saves a
-  checkpoint of the state before this iteration (nothing of it was trained on,
-  `stop_for_server_failure`) and raises TrainingInterrupted, which names the service, its
-  addresses and the last status; `rpp-train` then exits with EXIT_SERVER_FAILURE.
+  checkpoint of the state before this iteration (nothing of it was trained on;
+  `stop_for_server_failure` in trainer/checkpoints.py) and raises TrainingInterrupted, which
+  names the service, its addresses and the last status; `rpp-train` then exits with
+  EXIT_SERVER_FAILURE.
 
-This module holds the errors and the stop; it imports none of the parts that raise them.
+This module holds the errors; it imports none of the parts that raise them.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import NoReturn
-
-import lightning.pytorch as pl
-
-from rpp_lightning.checkpoints import save_atomically
 
 EXIT_SERVER_FAILURE = 75
 """`rpp-train`'s exit status when servers failed past the budget (EX_TEMPFAIL: resume later)."""
@@ -47,20 +41,3 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, checkpoint: str) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
-
-
-def stop_for_server_failure(trainer: pl.Trainer, iteration: int, message: str) -> NoReturn:
-    """Save the state before `iteration` on every rank, then raise TrainingInterrupted.
-
-    Every rank must call this (the save is a collective): callers act on a ServerFailure, which
-    every rank raises alike."""
-    callback = trainer.checkpoint_callback
-    directory = callback.dirpath if callback is not None and callback.dirpath else None
-    directory = directory or str(Path(trainer.default_root_dir) / "checkpoints")
-    path = str(Path(directory).resolve() / f"interrupted-iter{iteration}.ckpt")
-    save_atomically(trainer, path)  # collective: every rank agreed to stop here
-    raise TrainingInterrupted(
-        f"{message}\nstopped before iteration {iteration}; saved {path} "
-        f"(resume: rpp-train fit ... --ckpt_path {path})",
-        path,
-    )

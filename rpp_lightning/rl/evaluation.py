@@ -5,15 +5,18 @@ the reward servers, summed over ranks; the module logs them as `val/reward` and 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from rpp_lightning.data import PromptRow
-from rpp_lightning.generation.client import SamplingConfig
-from rpp_lightning.rollout_source import score
-from rpp_lightning.servers import TrainerServers
-from rpp_lightning.strategy import data_parallel_group
+from rpp_lightning.clients.generation import SamplingConfig
+from rpp_lightning.rl.distributed import data_parallel_group
+from rpp_lightning.rl.experience import PromptRow
+from rpp_lightning.rl.rollout_source import score
+
+if TYPE_CHECKING:  # only named in annotations: the servers are built by the module
+    from rpp_lightning.rl.trainer_servers import TrainerServers
 
 
 class Evaluator:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,17 +18,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from rpp_lightning.rl.experience import PromptRow
+
 log = logging.getLogger("rpp.data")
-
-
-@dataclass
-class PromptRow:
-    """One prompt ready for generation and scoring."""
-
-    prompt: str  # the text the policy sees (after the chat template)
-    prompt_ids: list[int]
-    reference: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

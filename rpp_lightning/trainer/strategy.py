@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
@@ -54,24 +52,3 @@ def register() -> None:
         StrategyRegistry.register(
             "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) data parallel, CPU or CUDA"
         )
-
-
-def data_parallel_group() -> dist.ProcessGroup | None:
-    """The data-parallel group: every process (see FSDP2Strategy), or None in one process."""
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-
-
-def max_over_ranks(value: int, device: torch.device) -> int:
-    """The largest `value` of any rank of the data-parallel group (a collective; `device`: where
-    NCCL wants the tensor). Outcomes are ordered so that this picks the worst one."""
-    group = data_parallel_group()
-    if group is None:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on any rank of the data-parallel group (a collective)."""
-    return bool(max_over_ranks(int(flag), device))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rpp_lightning.data import PromptRow
+from rpp_lightning.rl.experience import PromptRow
 
 log = logging.getLogger("rpp.pipeline")
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rpp_lightning.channels import ChannelConfig, open_channel
+from rpp_lightning.rpc.channels import ChannelConfig, open_channel
 
 log = logging.getLogger("rpp.replicas")
 T = TypeVar("T")

@@ -5,7 +5,7 @@ it works with any logger or none:
 
     trainer:
       callbacks:
-        - class_path: rpp_lightning.plots.TrainingCurves
+        - class_path: rpp_lightning.trainer.plots.TrainingCurves
           init_args: {every_n_steps: 10}
 
 The plot is rewritten every `every_n_steps` steps and at the end, so an interrupted run still

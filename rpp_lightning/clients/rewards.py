@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rpp_lightning.channels import start_calls
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import REWARD_SERVICE, reward_pb2, reward_pb2_grpc
-from rpp_lightning.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError, describe
-from rpp_lightning.serving import server_seconds
+from rpp_lightning.rpc.channels import start_calls
+from rpp_lightning.rpc.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError, describe
+from rpp_lightning.rpc.serving import server_seconds
 
 _CHUNK = 128  # samples per Score call: chunks run in parallel across replicas
 

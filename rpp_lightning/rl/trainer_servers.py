@@ -16,13 +16,17 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from lightning.pytorch.strategies import Strategy
 
+from rpp_lightning.clients.generation import GenerationClient
+from rpp_lightning.clients.local_servers import (
+    ChildServer,
+    generation_server_argv,
+    reward_server_argv,
+)
+from rpp_lightning.clients.rewards import RewardClient
 from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
-from rpp_lightning.generation.client import GenerationClient
-from rpp_lightning.local_servers import ChildServer, generation_server_argv, reward_server_argv
-from rpp_lightning.replicas import FailurePolicy
-from rpp_lightning.rewards import RewardClient
+from rpp_lightning.rl.distributed import Ranks
+from rpp_lightning.rpc.replicas import FailurePolicy
 
 log = logging.getLogger("rpp.servers")
 
@@ -83,7 +87,7 @@ class TrainerServers:
             child.wait_ready()
         return {name: [child.address] for name, child in started.items()}
 
-    def start(self, strategy: Strategy) -> None:
+    def start(self, ranks: Ranks) -> None:
         """Start local servers on rank 0, share their addresses, connect every rank's clients."""
         from transformers import AutoTokenizer  # slow to import: when first used, as elsewhere
 
@@ -98,12 +102,12 @@ class TrainerServers:
         addresses: dict[str, list[str]] = {}
         if wants_local:
             error = None
-            if strategy.global_rank == 0:
+            if ranks.global_rank == 0:
                 try:
                     addresses = self._start_children()
                 except Exception as exc:
                     error = str(exc)
-            addresses, error = strategy.broadcast((addresses, error), src=0)
+            addresses, error = ranks.broadcast((addresses, error), src=0)
             if error:
                 self.stop()
                 raise RuntimeError(f"could not start local servers: {error}")

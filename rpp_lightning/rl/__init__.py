@@ -1,0 +1,1 @@
+"""The iteration's parts, each a plain object tested alone; nothing here imports Lightning."""

@@ -1,0 +1,1 @@
+"""Channels, replicas and the one server runner; no torch, so reward servers deploy without it."""

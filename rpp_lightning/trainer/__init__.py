@@ -1,0 +1,1 @@
+"""Everything that knows Lightning: the LightningModule, its strategy, data module and callbacks."""
