@@ -2,6 +2,7 @@
 
     python benchmarks/fault_survival.py                      # the schedule, then 60 s of load
     python benchmarks/fault_survival.py --load-seconds 0     # the schedule only
+    python benchmarks/fault_survival.py --load-seconds 0 --weight-transport collective
 
 The schedule: one run of `configs/tiny.yaml` (its built-in math-verify reward, a transformers
 generation server, both started here as real processes on loopback ports), through five trainer
@@ -187,9 +188,13 @@ def _kill_during_save(trainer: Trainer, iterations: int) -> bool:
     return False
 
 
-def schedule(work: Path, iterations: int = 16, budget_s: float = 15.0) -> dict:
+def schedule(
+    work: Path, iterations: int = 16, budget_s: float = 15.0, weight_transport: str = "auto"
+) -> dict:
     """Run the fault schedule of the module docstring; return what it measured. Segments 1-4
-    take about 13 iterations: `iterations` must leave segment 4 a few more (16 does)."""
+    take about 13 iterations: `iterations` must leave segment 4 a few more (16 does).
+    `weight_transport`: how the trainers push (`auto` is shared memory here, all on one host;
+    `collective` re-joins the restarted generation server's group)."""
     if iterations < 16:
         raise ValueError(f"the schedule needs at least 16 iterations, got {iterations}")
     from rpp_lightning.tiny import save_tiny_causal_lm
@@ -211,6 +216,7 @@ def schedule(work: Path, iterations: int = 16, budget_s: float = 15.0) -> dict:
             "--model.policy.path", str(model),
             "--model.generation.local", "false",
             "--model.generation.addresses", f"[{generation.address}]",
+            "--model.generation.weight_transport", weight_transport,
             "--model.rewards",
             f"[{{name: math, addresses: [{', '.join(rewards)}], local: null, local_args: []}}]",
             "--model.rollout.max_iterations", str(iterations),
@@ -418,10 +424,17 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=15.0)
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--load-clients", type=int, default=8)
+    parser.add_argument(
+        "--weight-transport",
+        default="auto",
+        choices=["auto", "grpc", "shm", "collective"],
+        help="how the trainers push weights (issue 25)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     with tempfile.TemporaryDirectory(prefix="rpp-faults-") as tmp:
-        result = schedule(Path(tmp), args.iterations, args.budget_s)
+        result = schedule(Path(tmp), args.iterations, args.budget_s, args.weight_transport)
+    result["weight_transport"] = args.weight_transport
     result.pop("outputs")
     result.pop("addresses")
     for segment in result["segments"]:

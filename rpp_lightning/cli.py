@@ -3,6 +3,7 @@
     rpp-train fit --config configs/tiny.yaml
     rpp-train fit --config configs/tiny.yaml --model.algorithm.advantage_estimator grpo
     rpp-train fit --config configs/tiny.yaml --trainer.devices 2 --trainer.strategy fsdp2
+    rpp-train fit --config configs/tiny.yaml --trainer.devices 2 --trainer.strategy fsdp  # the same
     rpp-train fit --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt   # resume
 
 Every YAML key has a flag of the same dotted name; `rpp-train fit --help` lists them with their
@@ -27,6 +28,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from rpp_lightning.rl.faults import EXIT_SERVER_FAILURE, TrainingInterrupted
 from rpp_lightning.rpc.replicas import INTERRUPTED
@@ -34,6 +36,7 @@ from rpp_lightning.trainer.data import PromptDataModule
 from rpp_lightning.trainer.module import ReinforcePP
 from rpp_lightning.trainer.progress import default_progress_bar
 from rpp_lightning.trainer.strategy import register as register_strategies
+from rpp_lightning.trainer.strategy import rpp_strategy
 
 
 def _tokenizer_dir(policy) -> str | None:
@@ -44,6 +47,22 @@ class RppCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenises prompts with the policy's tokenizer: one setting, not two.
         parser.link_arguments("model.policy", "data.tokenizer", compute_fn=_tokenizer_dir)
+
+    def before_instantiate_classes(self) -> None:
+        # `strategy: fsdp` means this project's FSDP2 (Lightning's FSDP1 refuses CPU and would
+        # not shard the way configure_model does); mapped here, before any process starts, so
+        # the saved config.yaml says what ran.
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        typed = trainer.strategy
+        try:
+            trainer.strategy = rpp_strategy(typed)
+        except ValueError as exc:
+            raise SystemExit(f"rpp-train: error: {exc}") from None
+        if trainer.strategy != typed:
+            rank_zero_info(
+                f"rpp-train: strategy {typed!r} runs as {trainer.strategy!r} (FSDP2Strategy: "
+                "fully_shard over every process, CPU or CUDA)"
+            )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace the model's arguments with the ones saved in the checkpoint

@@ -250,3 +250,9 @@ class GenerationEndpoint(ChannelConfig):
     push_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype of pushed weights; servers refuse any other than the one they serve. "auto" is
     what `rpp-generation-server --dtype auto` serves: bfloat16 on CUDA, float32 on CPU."""
+    weight_transport: Literal["auto", "grpc", "shm", "cuda_ipc", "collective"] = "auto"
+    """How pushed weights travel (gRPC always carries the control messages): "grpc" streams
+    them; "shm" writes them into the server's shared memory (same host); "cuda_ipc" shares CUDA
+    tensors by handle (same host, both on CUDA); "collective" broadcasts them in a gloo/NCCL
+    group the server rendezvouses (any host); "auto" takes cuda_ipc or shm for a server on
+    this host, else grpc. A replica that cannot take the one chosen is pushed by grpc (logged)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +32,8 @@ sys.path.insert(0, str(ROOT))  # the working tree's code, whether or not it is p
 # Child processes (servers, trainer, torchrun ranks) import the working tree's code too.
 PATHS = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PATHS)}
-CHECKS = ["nccl_whitening", "generation_cuda", "preference_bf16", "pytest_gpu"]
-CHECKS += ["tiny_train_bf16", "vllm_backend"]  # gpu_check.sh's order
+CHECKS = ["nccl_whitening", "generation_cuda", "weight_transport_cuda", "preference_bf16"]
+CHECKS += ["pytest_gpu", "tiny_train_bf16", "perf_iteration", "vllm_backend"]  # gpu_check.sh's
 STATUSES = ("passed", "failed", "skipped")
 RESULT_LINE = re.compile(r"^check (\w+): (passed|failed|skipped)(?: \((.*)\))?$")
 # The preference check's tolerance, as a fraction of the spread (max - min) of the fp32 scores.
@@ -264,6 +267,243 @@ def generation_cuda(device: str, timeout_s: float) -> str:
     if worst > 1e-4:
         raise AssertionError(f"server logprobs differ from a direct forward by {worst:.2e}")
     return f"{len(prompts)} prompts: same greedy tokens, logprobs within {worst:.1e} of direct"
+
+
+# Qwen2-0.5B's dimensions (its config.json: hidden 896, 24 layers, 14 heads, 2 KV heads,
+# intermediate 4864, tied embeddings, vocabulary 151936). Issue 25's H200 figures are for "358M
+# parameters, 683 MB in bf16": these dimensions on the character tokenizer's 104-token vocabulary
+# (357,991,296 parameters tied, 358,084,480 untied; 683 MiB in bf16). With Qwen2-0.5B's own
+# vocabulary they would be 494.0M tied (942 MiB) or 630.2M untied: the embedding then is 136M.
+QWEN2_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14}
+QWEN2_05B |= {"num_key_value_heads": 2, "intermediate_size": 4864}
+QWEN2_CPU = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+QWEN2_CPU |= {"num_key_value_heads": 2, "intermediate_size": 256}  # --device cpu: logic only
+PERF_SHAPE = {"prompts": 16, "samples": 4, "new_tokens": 128}  # issue 25's iteration
+PERF_SHAPE_CPU = {"prompts": 8, "samples": 4, "new_tokens": 32}  # --device cpu: logic only
+NO_TRANSPORTS = (
+    "GenerationClient takes no weight_transport yet: the transports of issue 25 "
+    "(grpc|shm|cuda_ipc|collective, model.generation.weight_transport) are not in this tree"
+)
+
+
+def _save_qwen2(path: Path, device: str, seed: int = 0):
+    """A random Qwen2 of QWEN2_05B's dimensions (QWEN2_CPU's with `--device cpu`) on the character
+    tokenizer, saved in bf16 with that tokenizer; returns the model (bf16, on `device`)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rpp_lightning.tiny import SPECIAL_TOKENS, build_tokenizer
+
+    dims = QWEN2_05B if device == "cuda" else QWEN2_CPU
+    config = Qwen2Config(
+        vocab_size=len(build_tokenizer()), tie_word_embeddings=True, max_position_embeddings=4096,
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"), bos_token_id=SPECIAL_TOKENS.index("<bos>"),
+        eos_token_id=SPECIAL_TOKENS.index("<eos>"), **dims,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised where it runs: seconds, not a minute, for 358M
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return model
+
+
+def _served(client, prompts: list[list[int]], version: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probs, as the server serves them, for a fixed batch."""
+    from rpp_lightning.clients.generation import SamplingConfig
+
+    sampling = SamplingConfig(n=1, temperature=0, max_new_tokens=16, seed=0)
+    rollouts = client.generate(prompts, sampling, expected_version=version)
+    return [(r.token_ids, list(r.logprobs)) for r in rollouts]
+
+
+def _served_diff(a: list, b: list) -> float:
+    """inf when the greedy tokens differ, else the largest log-prob difference."""
+    worst = 0.0
+    for (tokens_a, logprobs_a), (tokens_b, logprobs_b) in zip(a, b, strict=True):
+        if tokens_a != tokens_b:
+            return float("inf")
+        worst = max([worst, *(abs(x - y) for x, y in zip(logprobs_a, logprobs_b, strict=True))])
+    return worst
+
+
+def weight_transport_cuda(device: str, timeout_s: float) -> str:
+    """A push by `cuda_ipc` and one by `grpc` to a transformers generation server on CUDA serve
+    identical log-probs for a fixed batch (8 prompts, 16 greedy tokens); the time of each push.
+
+    The server loads weights A (a random Qwen2 of Qwen2-0.5B's dimensions, bf16); each
+    transport then pushes weights B (another seed) and A again, from bf16 tensors on the GPU,
+    each push followed by the fixed batch. Passes when B by cuda_ipc serves exactly what B by
+    grpc served, A likewise, A by grpc serves what loading A served, and B serves something else
+    (the push took effect). With `--device cpu`, `shm` stands in for `cuda_ipc`.
+    """
+    _require_cuda(device)
+    import torch
+
+    from rpp_lightning.clients.generation import GenerationClient
+    from rpp_lightning.clients.local_servers import generation_server_argv
+
+    deadline = time.monotonic() + timeout_s
+    fast = "cuda_ipc" if device == "cuda" else "shm"
+    if device == "cpu":
+        print("--device cpu: shm stands in for cuda_ipc (which needs CUDA on both sides)")
+    if "weight_transport" not in inspect.signature(GenerationClient).parameters:
+        raise AssertionError(NO_TRANSPORTS)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the server serves
+    gen = torch.Generator().manual_seed(1)
+    prompts = [[1, *torch.randint(4, 100, (n,), generator=gen).tolist()] for n in (3, 9, 1, 17)]
+    prompts += [[1, 40, 41, 42], [1, 50], [1, *range(60, 90)], [1, 30, 31, 32, 33]]
+    with tempfile.TemporaryDirectory(prefix="rpp-gpu-wt-") as tmp:
+        state_a = _save_qwen2(Path(tmp) / "lm", device, seed=0).state_dict()  # the server's
+        state_b = _save_qwen2(Path(tmp) / "other", device, seed=1).state_dict()
+        size = sum(t.numel() * dtype.itemsize for t in state_a.values()) / 2**20
+        argv = generation_server_argv(str(Path(tmp) / "lm"), ["--device", device])
+        argv += ["--dtype", str(dtype).removeprefix("torch.")]
+        loaded = f"on {device} as {dtype}"
+        served: dict[str, list] = {}
+        times: dict[str, list[float]] = {"grpc": [], fast: []}
+        left = lambda: max(10.0, deadline - time.monotonic())  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            address = stack.enter_context(_server(argv, "generation-server", loaded, left() / 3))
+            clients = {}
+            for transport in ("grpc", fast):
+                client = GenerationClient([address], timeout_s=left(), weight_transport=transport)
+                clients[transport] = stack.enter_context(client)
+                client.wait_until_ready(timeout_s=min(60.0, left()))
+            served["loaded A"] = _served(clients["grpc"], prompts, 0)
+            served["loaded A again"] = _served(clients["grpc"], prompts, 0)
+            version = 0
+            for transport, client in clients.items():
+                for label, state in (("B", state_b), ("A", state_a)):
+                    version += 1
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    client.push_weights(state, version, dtype=dtype)
+                    times[transport].append(time.perf_counter() - start)
+                    print(f"push {label} by {transport}: {times[transport][-1]:.3f} s", flush=True)
+                    served[f"{label} by {transport}"] = _served(client, prompts, version)
+    noise = _served_diff(served["loaded A"], served["loaded A again"])
+    print(f"the same batch twice on the loaded weights: max log-prob difference {noise:.1e}")
+    if noise > 1e-3:  # equal served weights cannot be told by what they serve
+        raise AssertionError(f"the same batch on the same weights differs: {noise:.2e}")
+    if _served_diff(served["loaded A"], served["B by grpc"]) <= 1e-3:
+        raise AssertionError("weights B by grpc serve what A served: the push took no effect")
+    pairs = [("loaded A", "A by grpc")]  # then the claim: each transport serves what grpc does
+    pairs += [(f"{label} by grpc", f"{label} by {fast}") for label in ("B", "A")]
+    for first, second in pairs:
+        diff = _served_diff(served[first], served[second])
+        print(f"{first} vs {second}: max log-prob difference {diff:.1e}", flush=True)
+        if diff > noise:  # 0 but for a server that is not deterministic
+            raise AssertionError(f"{second} serves other log-probs than {first} ({diff:.2e})")
+    timing = lambda t: " then ".join(f"{x * 1e3:.0f} ms" for x in times[t])  # noqa: E731
+    speedup = min(times["grpc"]) / max(min(times[fast]), 1e-9)
+    return (
+        f"{fast} and grpc pushes serve identical log-probs ({len(prompts)} prompts x 16 greedy "
+        f"tokens, 2 weight sets); push of {size:.0f} MiB: grpc {timing('grpc')}, "
+        f"{fast} {timing(fast)} ({speedup:.1f}x)"
+    )
+
+
+def perf_iteration(device: str, timeout_s: float) -> str:
+    """Issue 25's H200 shape: `rpp-train fit`, 3 iterations (the first a warm-up) of a random
+    Qwen2 of Qwen2-0.5B's dimensions (358M parameters on the character tokenizer), 16 prompts x 4
+    samples x 128 new tokens, FSDP2 + bf16 mixed precision, the local transformers generation
+    server on the same GPU, `model.generation.weight_transport: auto` (when the config has that
+    key; else pushes go by grpc). Prints the phase times the trainer logs (time/...), the push
+    (time/weight_sync: gathering the full state and pushing it) and generation tokens/s.
+
+    A measurement: it fails only when the run does. With `--device cpu` the model shrinks to 2
+    layers of hidden size 64 and the batch to 8 x 4 x 32, so that the logic runs in under a
+    minute.
+    """
+    _require_cuda(device)
+    import csv
+    import math
+    import statistics
+
+    import yaml
+
+    from rpp_lightning.config import GenerationEndpoint
+
+    deadline = time.monotonic() + timeout_s
+    has_transport = "weight_transport" in {f.name for f in dataclasses.fields(GenerationEndpoint)}
+    transport = "auto" if has_transport else "grpc"
+    if not has_transport:
+        print("GenerationEndpoint has no weight_transport yet: the pushes go by grpc", flush=True)
+    prompts, samples, new_tokens = (PERF_SHAPE if device == "cuda" else PERF_SHAPE_CPU).values()
+    with tempfile.TemporaryDirectory(prefix="rpp-gpu-perf-") as tmp:
+        model = _save_qwen2(Path(tmp) / "policy", device)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # the trainer and its server get the GPU to themselves
+        print(f"policy: random Qwen2, {params:,} parameters ({params * 2 / 2**20:.0f} MiB in bf16)")
+        generation = {"local": True, "timeout_s": 120, "local_args": ["--device", device]}
+        if has_transport:
+            generation["weight_transport"] = transport
+        config = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": device, "devices": 1, "strategy": "fsdp2", "max_epochs": -1,
+                "log_every_n_steps": 1, "val_check_interval": None, "limit_val_batches": 0,
+                "enable_checkpointing": False, "enable_progress_bar": False,
+                "default_root_dir": tmp,
+                "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                            "init_args": {"save_dir": tmp, "name": "csv"}}],
+            },
+            "model": {
+                "policy": {"path": str(Path(tmp) / "policy"), "mixed_precision": True},
+                "generation": generation,
+                "rewards": [{"name": "digits", "local": "trainer_verifiers:DigitShareVerifier"}],
+                "algorithm": {"kl_coef": 0.001, "mini_batch_size": prompts * samples,
+                              "micro_batch_size": 16},
+                "rollout": {"n_samples": samples, "max_new_tokens": new_tokens,
+                            "max_iterations": 3, "max_staleness": 0},
+                "optim": {"lr": 1.0e-6, "warmup_ratio": 0.0},
+                "export_dir": None, "evaluate_before_after": False, "seed": 0,
+            },
+            "data": {
+                "train_path": str(ROOT / "data" / "arithmetic" / "train.jsonl"),
+                "batch_size": prompts, "max_prompt_tokens": 64,
+            },
+        }  # fmt: skip
+        path = Path(tmp, "perf.yaml")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        print(path.read_text(), flush=True)
+        argv = [sys.executable, "-m", "rpp_lightning.cli", "fit", "--config", str(path)]
+        tests = os.pathsep.join([str(ROOT / "tests"), *PATHS])  # trainer_verifiers
+        env = {**ENV, "PYTHONPATH": tests}
+        rc, out = _run(argv, Path(tmp), max(10.0, deadline - time.monotonic()), env)
+        if rc != 0:
+            raise AssertionError(f"rpp-train exit {rc}: {out.strip().splitlines()[-1:]}")
+        if device == "cuda" and "GPU available: True (cuda), used: True" not in out:
+            raise AssertionError("Lightning did not report training on the GPU")
+        with Path(tmp, "csv/version_0/metrics.csv").open() as f:
+            rows = [row for row in csv.DictReader(f) if row.get("policy_loss")]
+    if len(rows) != 3:
+        raise AssertionError(f"metrics.csv has {len(rows)} training iterations, expected 3")
+    keys = ["time/step", "time/weight_sync", "time/generate", "time/logprobs", "time/update"]
+    keys += ["time/score_wait", "perf/tokens_per_s", "response_length"]
+    table = {key: [float(row.get(key) or "nan") for row in rows] for key in keys}
+    for key, values in table.items():  # every iteration; the first is the warm-up
+        print(f"{key:20} " + "  ".join(f"{v:10.4g}" for v in values), flush=True)
+    mean = {key: statistics.fmean(values[1:]) for key, values in table.items()}
+    if not all(math.isfinite(v) and v >= 0 for v in mean.values()):
+        raise AssertionError(f"phase times not finite: {mean}")
+    step, push = mean["time/step"], mean["time/weight_sync"]
+    phases = ", ".join(
+        f"{key.removeprefix('time/')} {mean[key]:.2f} s"
+        for key in ("time/generate", "time/logprobs", "time/update")
+    )
+    return (
+        f"{params / 1e6:.3g}M params, {prompts}x{samples}x{new_tokens}, transport {transport}; "
+        f"iterations 2-3: {step:.2f} s each, push {push:.3f} s ({push / step:.0%}), {phases}; "
+        f"{mean['perf/tokens_per_s']:.0f} tokens/s (responses {mean['response_length']:.0f} "
+        f"tokens); warm-up iteration {table['time/step'][0]:.2f} s"
+    )
 
 
 ROWS = [slice(0, 3), slice(3, 8)]  # the rows of the whitening batch that rank 0 / 1 of 2 holds

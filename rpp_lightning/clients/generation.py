@@ -37,10 +37,18 @@ import torch
 
 from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.rpc.channels import ChannelConfig, start_calls, wait_until_serving
+from rpp_lightning.rpc.channels import ChannelConfig, start_calls
 from rpp_lightning.rpc.replicas import FailurePolicy, ReplicaSet, describe
 from rpp_lightning.rpc.seeds import mix_seed
 from rpp_lightning.rpc.serving import server_seconds
+from rpp_lightning.weight_transport.kinds import NAMES as TRANSPORT_NAMES
+from rpp_lightning.weight_transport.sender import (
+    OutOfBandSender,
+    Target,
+    TensorStream,
+    choose,
+    named_specs,
+)
 from rpp_lightning.weight_transport.wire import directory_update_requests, iter_update_requests
 
 log = logging.getLogger("rpp.generation.client")
@@ -101,7 +109,10 @@ class GenerationClient:
         timeout_s: float = 600.0,
         max_prompts_per_call: int = 64,
         policy: FailurePolicy | None = None,
+        weight_transport: str = "auto",
     ) -> None:
+        """`weight_transport`: how pushes move the tensors (GenerationEndpoint.weight_transport:
+        auto, grpc, shm, cuda_ipc, collective); `transport_of` says what each replica got."""
         if not addresses:
             raise ValueError("GenerationClient needs at least one server address")
         if max_prompts_per_call < 1:
@@ -110,7 +121,6 @@ class GenerationClient:
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self.max_prompts_per_call = max_prompts_per_call
-        self._configs = [dataclasses.replace(base, addresses=[a]) for a in self.addresses]
         self.replicas = ReplicaSet(
             "generation",
             dataclasses.replace(base, addresses=self.addresses, timeout_s=timeout_s),
@@ -121,8 +131,15 @@ class GenerationClient:
         self._metadata = self.replicas.metadata
         self.last_server_s = 0.0
         """Server-side seconds of the last `generate` (its slowest parallel call)."""
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.addresses)))
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.replicas)))
         self._version: int | None = None
+        if weight_transport not in TRANSPORT_NAMES:
+            raise ValueError(
+                f"weight_transport must be one of {TRANSPORT_NAMES}, got {weight_transport!r}"
+            )
+        self.weight_transport = weight_transport
+        self._transports: dict[str, str] = {}  # address -> the transport its pushes take
+        self._sender = OutOfBandSender(timeout_s)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -135,12 +152,12 @@ class GenerationClient:
     def close(self) -> None:
         """Close every channel and the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._sender.close()
         self.replicas.close()
 
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
         """Block until every replica reports SERVING, then read (and cross-check) the version."""
-        for config in self._configs:
-            wait_until_serving(config, timeout_s, service=GENERATION_SERVICE)
+        self.replicas.wait_until_serving(timeout_s, service=GENERATION_SERVICE)
         self._version = None
         _ = self.version
 
@@ -165,7 +182,7 @@ class GenerationClient:
             self._pool,
             [
                 functools.partial(self.replicas.call, get_info, replicas=[i])
-                for i in range(len(self.replicas))
+                for i in self.replicas.indexes()
             ],
         )
         return [call.result() for call in calls]
@@ -243,49 +260,106 @@ class GenerationClient:
 
     def push_weights(
         self,
-        named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+        named_tensors: Iterable[tuple[str, torch.Tensor]]
+        | Mapping[str, torch.Tensor]
+        | TensorStream,
         version: int,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """Send tensors to every replica in parallel; all must commit `version`.
+        """Send tensors to every replica, each by its transport (`transport_of`); all must
+        commit `version`.
 
         Servers refuse a dtype other than the one they serve (bf16 on GPU by default, fp32 on
         CPU): pass `dtype` to cast floating-point tensors on the way (it also halves the bytes
-        sent when casting fp32 to bf16). Memory: the tensors are copied to CPU (contiguous) once,
-        here, and every replica's stream reads from that copy one 4 MiB chunk at a time, so the
-        extra memory is one CPU copy of the weights plus a few chunks per replica.
+        sent when casting fp32 to bf16). The tensors are read once, in order (a `TensorStream`
+        may produce them one at a time); replicas pushed by the gRPC stream read a CPU copy made
+        on the way, one 4 MiB chunk at a time; shared memory, CUDA IPC and collective groups take
+        each tensor as it comes (weight_transport.sender).
         """
-        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        tensors = []
-        for name, tensor in items:
-            tensor = tensor.detach()
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensors.append((name, tensor.to("cpu").contiguous()))
-        self._push(lambda: iter_update_requests(tensors, version), version)
+        specs, tensors = named_specs(named_tensors, dtype)
+        indexes = self.replicas.indexes()
+        on_cuda = any(t.is_cuda for t in _first_tensor(named_tensors))
+        targets = []
+        for index in indexes:
+            address = self.replicas.replicas[index].address
+            transport = self._transport_for(index, address, on_cuda)
+            if transport != "grpc":
+                stub = self.replicas.replicas[index].stub
+                targets.append(Target(index, address, transport, stub, self._metadata))
+        if not targets:
+            cpu = [(name, tensor.to("cpu").contiguous()) for name, tensor in tensors]
+            self._push(lambda: iter_update_requests(cpu, version), version)
+            return
+        outcomes, fallbacks, cpu = self._sender.push(
+            targets, specs, tensors, version, keep_cpu_copy=len(targets) < len(indexes)
+        )
+        for target in targets:
+            if target.index in fallbacks:  # one line, once: it is pushed by gRPC from now on
+                log.warning("replica %s: %s transport unavailable (%s); pushing by grpc",
+                            target.address, target.transport, fallbacks[target.index])  # fmt: skip
+                self._transports[target.address] = "grpc"
+            elif outcomes[target.index] is not None:  # chosen again at the next push
+                self._transports.pop(target.address, None)
+        self._push(lambda: iter_update_requests(cpu, version), version, done=outcomes)
+
+    def transport_of(self, address: str) -> str | None:
+        """The transport the last push to replica `address` used ("grpc", "shm", "cuda_ipc",
+        "collective"); None before the first push to it."""
+        return self._transports.get(address)
+
+    def _transport_for(self, index: int, address: str, on_cuda: bool) -> str:
+        if address in self._transports:
+            return self._transports[address]
+        if self.weight_transport == "grpc":
+            chosen, why = "grpc", ""
+        else:
+            try:
+                info = self.replicas.attempt(
+                    index,
+                    lambda stub, t: stub.GetInfo(
+                        pb.GenerationInfoRequest(), timeout=min(t, 10.0), metadata=self._metadata
+                    ),
+                )
+            except (grpc.RpcError, RuntimeError):
+                return "grpc"  # unreachable now: the push fails there anyway, chosen next time
+            chosen, why = choose(self.weight_transport, info, on_cuda)
+            if why:
+                log.warning("replica %s: %s", address, why)
+        self._transports[address] = chosen
+        return chosen
 
     def push_weights_from_dir(self, path: str, version: int) -> None:
         """Ask every replica to load `path/*.safetensors` from its own (shared) file system."""
         self._push(lambda: iter(directory_update_requests(path, version)), version)
 
-    def _push(self, stream: Callable[[], Iterator[pb.UpdateWeightsRequest]], version: int) -> None:
-        calls = start_calls(
-            self._pool,
-            [
-                functools.partial(self._push_one, i, stream, version)
-                for i in range(len(self.replicas))
-            ],
-        )
+    def _push(
+        self,
+        stream: Callable[[], Iterator[pb.UpdateWeightsRequest]],
+        version: int,
+        done: Mapping[int, BaseException | None] | None = None,
+    ) -> None:
+        """Stream to every replica not in `done` (the outcomes of pushes made another way)."""
+        done = done or {}
+        # every replica in the set now, one found through DNS since the last push included
+        indexes = self.replicas.indexes()
+        streamed = [i for i in indexes if i not in done]
+        calls = dict(zip(streamed, start_calls(
+            self._pool, [functools.partial(self._push_one, i, stream, version) for i in streamed]
+        ), strict=True))  # fmt: skip
         failures = []
-        for index, (address, call) in enumerate(zip(self.addresses, calls, strict=True)):
+        for index in indexes:
+            address = self.replicas.replicas[index].address
             try:
-                call.result()
+                if index in calls:
+                    calls[index].result()
+                elif done[index] is not None:
+                    raise done[index]
                 self.replicas.mark_serving(index)
             except (grpc.RpcError, RuntimeError) as exc:  # RuntimeError: WeightSyncError, budget
                 reason = describe(exc)
                 failures.append(f"{address}: {reason}")
                 self.replicas.mark_lost(index, f"missed weights version {version}: {reason}")
-        if len(failures) == len(self.replicas):
+        if len(failures) == len(indexes):
             raise WeightSyncError(
                 f"weights version {version} reached no replica:\n  " + "\n  ".join(failures)
             )
@@ -308,7 +382,18 @@ class GenerationClient:
         if self.replicas.in_service(replica):
             self.replicas.call(push, replicas=[replica])
         else:  # lost: one attempt, so a dead replica does not hold up every push
-            push(self.replicas.replicas[replica].stub, self.timeout_s)
+            self.replicas.attempt(replica, push)
+
+
+def _first_tensor(named_tensors) -> list[torch.Tensor]:
+    """The first tensor, when it can be looked at without consuming anything (its device)."""
+    if isinstance(named_tensors, Mapping):
+        return list(itertools.islice(named_tensors.values(), 1))
+    if isinstance(named_tensors, TensorStream):
+        return [torch.empty(0, device=named_tensors.device)]
+    if isinstance(named_tensors, (list, tuple)) and named_tensors:
+        return [named_tensors[0][1]]
+    return []
 
 
 def _stale_refusal(exc: grpc.RpcError) -> str | None:

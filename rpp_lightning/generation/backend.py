@@ -27,6 +27,8 @@ class BackendInfo:
     eos_token_ids: tuple[int, ...]
     max_temperature: float | None = None
     """Highest temperature the engine samples at (None: no limit); higher is INVALID_ARGUMENT."""
+    device: str = "cpu"
+    """Where the weights live ("cpu", "cuda", "cuda:1"): which weight transports fit."""
     whole_model_updates: bool = False
     """True when a weight update must carry every tensor (an engine whose fused layers are
     rebuilt from what they are given); a partial one is INVALID_ARGUMENT."""
@@ -87,3 +89,11 @@ class Backend(Protocol):
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy already-validated tensors (CPU, matching dtype and shape) into the model."""
         ...
+
+
+def adopt_weights(backend: Backend, updated: dict[str, torch.Tensor], complete: dict) -> bool:
+    """Let a backend that can take `complete` (every tensor of its state dict, `updated` among
+    them) as its own storage do so, instead of copying; False when it cannot (then the caller
+    copies with `load_weights`). Shared-memory updates use this (see weight_transport.shm)."""
+    adopt = getattr(backend, "adopt_weights", None)
+    return bool(adopt is not None and adopt(updated, complete))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow
+from rpp_lightning.generation.backend import Backend, SampleResult, SampleRow, adopt_weights
 from rpp_lightning.rpc.serving import StatusError
 
 log = logging.getLogger("rpp.generation")
@@ -48,6 +48,10 @@ class _GenerateJob:
 class _SwapJob:
     tensors: dict[str, torch.Tensor]
     target_version: int
+    complete: dict[str, torch.Tensor] | None = None
+    """Shared-memory updates: the whole region, which the backend may adopt (see backend)."""
+    on_done: Callable[[bool], None] | None = None
+    """Called on this thread once the swap is over, with whether the region was adopted."""
     future: Future = field(default_factory=Future)
     """Resolves to the new version."""
 
@@ -88,9 +92,16 @@ class Scheduler:
         self._enqueue(self._generate, job)
         return job.future
 
-    def swap(self, tensors: dict[str, torch.Tensor], target_version: int) -> Future:
-        """Queue a weight swap (validated tensors); the future gives the new version."""
-        job = _SwapJob(tensors, target_version)
+    def swap(
+        self,
+        tensors: dict[str, torch.Tensor],
+        target_version: int,
+        complete: dict[str, torch.Tensor] | None = None,
+        on_done: Callable[[bool], None] | None = None,
+    ) -> Future:
+        """Queue a weight swap (validated tensors); the future gives the new version.
+        `complete` and `on_done`: see _SwapJob."""
+        job = _SwapJob(tensors, target_version, complete, on_done)
         self._enqueue(self._swaps, job)
         return job.future
 
@@ -134,8 +145,16 @@ class Scheduler:
         return jobs
 
     def _run_swap(self, job: _SwapJob) -> None:
+        adopted = False
+        try:
+            adopted = self._swap(job)
+        finally:
+            if job.on_done is not None:
+                job.on_done(adopted)
+
+    def _swap(self, job: _SwapJob) -> bool:
         if not job.future.set_running_or_notify_cancel():
-            return
+            return False
         if job.target_version <= self._version:  # another update won the race
             job.future.set_exception(
                 StatusError(
@@ -144,18 +163,23 @@ class Scheduler:
                     f"version {self._version}",
                 )
             )
-            return
+            return False
+        adopted = False
         try:
-            self.backend.load_weights(job.tensors)
+            if job.complete is not None:
+                adopted = adopt_weights(self.backend, job.tensors, job.complete)
+            if not adopted:
+                self.backend.load_weights(job.tensors)
         except Exception as exc:
             # Validation happened before the swap, so this is a bug or a device failure; the
             # version is not bumped because the weights may not be the requested ones.
             log.exception("loading weights failed")
             job.future.set_exception(exc)
-            return
+            return False
         self._version = job.target_version
         log.info("now serving weights version %d (%d tensors)", self._version, len(job.tensors))
         job.future.set_result(self._version)
+        return adopted
 
     def _run_batch(self, jobs: list[_GenerateJob]) -> None:
         live = []

@@ -11,6 +11,7 @@ turns that into the gRPC status.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
@@ -33,6 +34,9 @@ from rpp_lightning.rpc.serving import (
     quote,
     quote_list,
 )
+from rpp_lightning.weight_transport.kinds import host_id
+from rpp_lightning.weight_transport.receiver import OutOfBandReceiver, ReceiverSettings
+from rpp_lightning.weight_transport.shm import sweep_stale
 from rpp_lightning.weight_transport.wire import (
     WeightsAssembler,
     WeightsUpdate,
@@ -65,6 +69,8 @@ class GenerationLimits:
     update_idle_timeout_s: float = 60.0
     """An UpdateWeights stream silent this long is dropped (DEADLINE_EXCEEDED): a stalled
     sender must not hold a receiving slot, and the update buffers, forever."""
+    collective_host: str = ""
+    """Host announced for collective weight transfers ("" = the one the trainer dialled)."""
     max_concurrent_updates: int = 2
     """UpdateWeights streams received at once (each buffers up to a model's weights); more are
     RESOURCE_EXHAUSTED. Swaps are applied one at a time whatever this is."""
@@ -100,6 +106,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         # Streams are received side by side, so one stalled sender cannot hold up another's
         # update; the scheduler applies the swaps one at a time, in the order they complete.
         self._receiving = threading.BoundedSemaphore(self.limits.max_concurrent_updates)
+        sweep_stale()  # shared-memory files of servers killed before they could remove them
+        self.receiver = OutOfBandReceiver(
+            self.shapes,
+            ReceiverSettings(
+                device=self.info.device,
+                lease_s=self.limits.update_idle_timeout_s,
+                whole_model=self.info.whole_model_updates,
+                collective_host=self.limits.collective_host,
+            ),
+        )
 
     def service_spec(self) -> ServiceSpec:
         """How `GrpcServer` registers this servicer."""
@@ -108,8 +124,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
 
     def close(self) -> None:
-        """Stop the generation thread (after queued work)."""
+        """Stop the generation thread (after queued work); remove shared-memory files."""
         self.scheduler.close()
+        self.receiver.close()
 
     # --- Generate -------------------------------------------------------------------------
 
@@ -241,21 +258,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 "already; retry when one has ended",
             )
         try:
-            update = self._receive(request_iterator, context)
+            update, complete, release = self._receive(request_iterator, context)
         finally:
             self._receiving.release()
-        if not context.is_active():  # the client gave up while we validated: do not apply
-            raise StatusError(grpc.StatusCode.CANCELLED, "call ended; the old weights stay")
-        version = self.scheduler.swap(update.tensors, update.target_version).result()
+        try:
+            if not context.is_active():  # the client gave up while we validated: do not apply
+                raise StatusError(grpc.StatusCode.CANCELLED, "call ended; the old weights stay")
+            future = self.scheduler.swap(update.tensors, update.target_version, complete, release)
+        except BaseException:
+            release(False)
+            raise
+        version = future.result()
         return pb.UpdateWeightsResponse(
             weights_version=version, num_tensors=len(update.tensors), num_bytes=update.num_bytes
         )
 
-    def _receive(self, request_iterator, context) -> WeightsUpdate:
-        """The whole update of one stream, validated, in memory; nothing is applied here."""
+    def _receive(self, request_iterator, context):
+        """The whole update of one stream, validated, in memory; nothing is applied here. With
+        it: the shared-memory region the backend may adopt (or None), and the release of the
+        update's lease, to call once the swap is over (see weight_transport.receiver)."""
         messages = idle_limited(request_iterator, self.limits.update_idle_timeout_s)
+        complete, release = None, _no_lease
         try:
-            update = WeightsAssembler(self.shapes, self.scheduler.version).assemble(messages)
+            first = next(messages, None)
+            if first is not None and first.WhichOneof("item") == "header" and first.header.lease_id:
+                update, complete, release = self.receiver.receive(first.header, messages)
+            else:
+                assembler = WeightsAssembler(self.shapes, self.scheduler.version)
+                update = assembler.assemble(itertools.chain([first] if first else [], messages))
         except StatusError:
             raise
         except Exception as exc:
@@ -266,6 +296,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise StatusError(
                 grpc.StatusCode.CANCELLED, "stream broken off; the old weights stay"
             ) from exc
+        try:
+            self._check_whole(update)
+        except BaseException:
+            release(False)
+            raise
+        return update, complete, release
+
+    def _check_whole(self, update: WeightsUpdate) -> None:
         if update.safetensors_dir:
             directory = resolve_under_root(update.safetensors_dir, self.limits.weights_root)
             update.tensors = load_safetensors_dir(directory, self.shapes)
@@ -277,7 +315,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 f"{len(self.shapes)} tensors are missing, e.g. {quote_list(missing, 3)}; the old "
                 "weights stay"
             )
-        return update
+
+    def PrepareWeightsUpdate(
+        self, request: pb.PrepareWeightsUpdateRequest, context
+    ) -> pb.PrepareWeightsUpdateResponse:
+        return self.receiver.prepare(request, self.scheduler.version)
 
     # --- GetInfo ----------------------------------------------------------------------------
 
@@ -291,4 +333,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_new_tokens_limit=self.limits.max_new_tokens_limit,
             max_model_len=info.max_model_len,
             eos_token_ids=list(info.eos_token_ids),
+            host_id=host_id(),
+            weight_transports=self.receiver.accepted(),
         )
+
+
+def _no_lease(adopted: bool) -> None:
+    """The release of a streamed update: it holds no lease."""

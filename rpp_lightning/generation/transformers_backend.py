@@ -111,6 +111,7 @@ class TransformersBackend:
             vocab_size=int(config.vocab_size),
             max_model_len=int(getattr(config, "max_position_embeddings", 0) or 2048),
             eos_token_ids=tuple(int(i) for i in eos_ids),
+            device=str(self.device),
         )
         self._pad_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
         log.info("loaded %s on %s as %s", model_path, self.device, self.dtype)
@@ -130,6 +131,32 @@ class TransformersBackend:
             state[name].copy_(tensor, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def adopt_weights(self, updated: dict[str, torch.Tensor], complete: dict) -> bool:
+        """Make the tensors of `complete` (views of a shared-memory region laid out like the
+        state dict) the model's own storage: a pointer swap instead of a copy. CPU only. The
+        tensors not in `updated` are first copied in from the current weights, so the region
+        holds the whole model and the one that served before can be written next."""
+        if self.device.type != "cpu":
+            return False
+        current = self.model.state_dict()
+        done: set[int] = set()  # tied weights (one Parameter, two names) are adopted once
+        for name in [*updated, *(n for n in complete if n not in updated)]:
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            param = owner._parameters.get(attr)
+            key = id(param) if param is not None else id(owner._buffers.get(attr))
+            if key in done:
+                continue
+            done.add(key)
+            if name not in updated:
+                complete[name].copy_(current[name])
+            if param is not None:
+                param.data = complete[name]
+            else:
+                owner._buffers[attr] = complete[name]
+        return True
 
     @torch.inference_mode()
     def generate(

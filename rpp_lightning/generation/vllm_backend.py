@@ -159,6 +159,7 @@ class VLLMBackend:
             # The reload rebuilds each layer from what it is given: a layer given part of its
             # tensors (q_proj without k_proj, v_proj) would keep uninitialised memory for the rest.
             whole_model_updates=True,
+            device=self.device_type,
         )
         self._shapes = _checkpoint_shapes(Path(config.model), self.dtype)
         self._batches = itertools.count()  # request ids stay unique across batches

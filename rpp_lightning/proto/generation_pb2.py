@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rpp/v1/generation.proto\x12\x06rpp.v1\"\x9a\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xda\x01\n\x0fGenerateRequest\x12\x1f\n\x07prompts\x18\x01 \x03(\x0b\x32\x0e.rpp.v1.Prompt\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.rpp.v1.SamplingParams\x12%\n\x18required_weights_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13min_weights_version\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x1b\n\x19_required_weights_versionB\x16\n\x14_min_weights_version\"w\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.rpp.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x04 \x01(\x04\"O\n\x11PromptCompletions\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\'\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x12.rpp.v1.Completion\"W\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rpp.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"@\n\rWeightsHeader\x12\x16\n\x0etarget_version\x18\x01 \x01(\x04\x12\x17\n\x0fsafetensors_dir\x18\x02 \x01(\t\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"7\n\rWeightsCommit\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"3\n\x0cTensorChunks\x12#\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x13.rpp.v1.TensorChunk\"\xa5\x01\n\x14UpdateWeightsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rpp.v1.WeightsHeaderH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.rpp.v1.TensorChunksH\x00\x12\'\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x15.rpp.v1.WeightsCommitH\x00\x42\x06\n\x04itemJ\x04\x08\x02\x10\x03R\x05\x63hunk\"X\n\x15UpdateWeightsResponse\x12\x17\n\x0fweights_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\x17\n\x15GenerationInfoRequest\"\xaf\x01\n\x14GenerationServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\xf3\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05\x12\x16\n\x12TENSOR_DTYPE_INT32\x10\x06\x12\x16\n\x12TENSOR_DTYPE_UINT8\x10\x07\x12\x15\n\x11TENSOR_DTYPE_BOOL\x10\x08\x32\xea\x01\n\x11GenerationService\x12=\n\x08Generate\x12\x17.rpp.v1.GenerateRequest\x1a\x18.rpp.v1.GenerateResponse\x12N\n\rUpdateWeights\x12\x1c.rpp.v1.UpdateWeightsRequest\x1a\x1d.rpp.v1.UpdateWeightsResponse(\x01\x12\x46\n\x07GetInfo\x12\x1d.rpp.v1.GenerationInfoRequest\x1a\x1c.rpp.v1.GenerationServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rpp/v1/generation.proto\x12\x06rpp.v1\"\x9a\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xda\x01\n\x0fGenerateRequest\x12\x1f\n\x07prompts\x18\x01 \x03(\x0b\x32\x0e.rpp.v1.Prompt\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.rpp.v1.SamplingParams\x12%\n\x18required_weights_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13min_weights_version\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x1b\n\x19_required_weights_versionB\x16\n\x14_min_weights_version\"w\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.rpp.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x04 \x01(\x04\"O\n\x11PromptCompletions\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\'\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x12.rpp.v1.Completion\"W\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rpp.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\"R\n\rWeightsHeader\x12\x16\n\x0etarget_version\x18\x01 \x01(\x04\x12\x17\n\x0fsafetensors_dir\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"l\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"7\n\rWeightsCommit\x12\x13\n\x0bnum_tensors\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"3\n\x0cTensorChunks\x12#\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x13.rpp.v1.TensorChunk\"\xd1\x01\n\x14UpdateWeightsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.rpp.v1.WeightsHeaderH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.rpp.v1.TensorChunksH\x00\x12\'\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x15.rpp.v1.WeightsCommitH\x00\x12*\n\x08\x63uda_ipc\x18\x05 \x01(\x0b\x32\x16.rpp.v1.CudaIpcTensorsH\x00\x42\x06\n\x04itemJ\x04\x08\x02\x10\x03R\x05\x63hunk\"m\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x62ucket\x18\x05 \x01(\r\"\xae\x01\n\x1bPrepareWeightsUpdateRequest\x12\x16\n\x0etarget_version\x18\x01 \x01(\x04\x12*\n\ttransport\x18\x02 \x01(\x0e\x32\x17.rpp.v1.WeightTransport\x12#\n\x07tensors\x18\x03 \x03(\x0b\x32\x12.rpp.v1.TensorSpec\x12\x14\n\x0c\x62ucket_bytes\x18\x04 \x03(\x04\x12\x10\n\x08group_id\x18\x05 \x01(\t\"h\n\x14\x43ollectiveRendezvous\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\xab\x01\n\x1cPrepareWeightsUpdateResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08shm_path\x18\x02 \x01(\t\x12\x11\n\tshm_bytes\x18\x03 \x01(\x04\x12\"\n\x06layout\x18\x04 \x03(\x0b\x32\x12.rpp.v1.TensorSpec\x12\x30\n\nrendezvous\x18\x05 \x01(\x0b\x32\x1c.rpp.v1.CollectiveRendezvous\"\xc5\x02\n\rCudaIpcTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.rpp.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06stride\x18\x04 \x03(\x03\x12\x16\n\x0estorage_offset\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\x05\x12\x16\n\x0estorage_handle\x18\x07 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x08 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\t \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\n \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x0b \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x0c \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\r \x01(\x08\"8\n\x0e\x43udaIpcTensors\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.rpp.v1.CudaIpcTensor\"X\n\x15UpdateWeightsResponse\x12\x17\n\x0fweights_version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\x17\n\x15GenerationInfoRequest\"\xf4\x01\n\x14GenerationServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x0f\n\x07host_id\x18\x08 \x01(\t\x12\x32\n\x11weight_transports\x18\t \x03(\x0e\x32\x17.rpp.v1.WeightTransport*\xb4\x01\n\x0fWeightTransport\x12 \n\x1cWEIGHT_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1b\n\x17WEIGHT_TRANSPORT_STREAM\x10\x01\x12\"\n\x1eWEIGHT_TRANSPORT_SHARED_MEMORY\x10\x02\x12\x1d\n\x19WEIGHT_TRANSPORT_CUDA_IPC\x10\x03\x12\x1f\n\x1bWEIGHT_TRANSPORT_COLLECTIVE\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\xf3\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05\x12\x16\n\x12TENSOR_DTYPE_INT32\x10\x06\x12\x16\n\x12TENSOR_DTYPE_UINT8\x10\x07\x12\x15\n\x11TENSOR_DTYPE_BOOL\x10\x08\x32\xcd\x02\n\x11GenerationService\x12=\n\x08Generate\x12\x17.rpp.v1.GenerateRequest\x1a\x18.rpp.v1.GenerateResponse\x12N\n\rUpdateWeights\x12\x1c.rpp.v1.UpdateWeightsRequest\x1a\x1d.rpp.v1.UpdateWeightsResponse(\x01\x12\x46\n\x07GetInfo\x12\x1d.rpp.v1.GenerationInfoRequest\x1a\x1c.rpp.v1.GenerationServerInfo\x12\x61\n\x14PrepareWeightsUpdate\x12#.rpp.v1.PrepareWeightsUpdateRequest\x1a$.rpp.v1.PrepareWeightsUpdateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpp.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1492
-  _globals['_FINISHREASON']._serialized_end=1587
-  _globals['_TENSORDTYPE']._serialized_start=1590
-  _globals['_TENSORDTYPE']._serialized_end=1833
+  _globals['_WEIGHTTRANSPORT']._serialized_start=2578
+  _globals['_WEIGHTTRANSPORT']._serialized_end=2758
+  _globals['_FINISHREASON']._serialized_start=2760
+  _globals['_FINISHREASON']._serialized_end=2855
+  _globals['_TENSORDTYPE']._serialized_start=2858
+  _globals['_TENSORDTYPE']._serialized_end=3101
   _globals['_SAMPLINGPARAMS']._serialized_start=36
   _globals['_SAMPLINGPARAMS']._serialized_end=190
   _globals['_PROMPT']._serialized_start=192
@@ -48,21 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=656
   _globals['_GENERATERESPONSE']._serialized_end=743
   _globals['_WEIGHTSHEADER']._serialized_start=745
-  _globals['_WEIGHTSHEADER']._serialized_end=809
-  _globals['_TENSORCHUNK']._serialized_start=811
-  _globals['_TENSORCHUNK']._serialized_end=919
-  _globals['_WEIGHTSCOMMIT']._serialized_start=921
-  _globals['_WEIGHTSCOMMIT']._serialized_end=976
-  _globals['_TENSORCHUNKS']._serialized_start=978
-  _globals['_TENSORCHUNKS']._serialized_end=1029
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1032
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1197
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1199
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1287
-  _globals['_GENERATIONINFOREQUEST']._serialized_start=1289
-  _globals['_GENERATIONINFOREQUEST']._serialized_end=1312
-  _globals['_GENERATIONSERVERINFO']._serialized_start=1315
-  _globals['_GENERATIONSERVERINFO']._serialized_end=1490
-  _globals['_GENERATIONSERVICE']._serialized_start=1836
-  _globals['_GENERATIONSERVICE']._serialized_end=2070
+  _globals['_WEIGHTSHEADER']._serialized_end=827
+  _globals['_TENSORCHUNK']._serialized_start=829
+  _globals['_TENSORCHUNK']._serialized_end=937
+  _globals['_WEIGHTSCOMMIT']._serialized_start=939
+  _globals['_WEIGHTSCOMMIT']._serialized_end=994
+  _globals['_TENSORCHUNKS']._serialized_start=996
+  _globals['_TENSORCHUNKS']._serialized_end=1047
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1050
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1259
+  _globals['_TENSORSPEC']._serialized_start=1261
+  _globals['_TENSORSPEC']._serialized_end=1370
+  _globals['_PREPAREWEIGHTSUPDATEREQUEST']._serialized_start=1373
+  _globals['_PREPAREWEIGHTSUPDATEREQUEST']._serialized_end=1547
+  _globals['_COLLECTIVERENDEZVOUS']._serialized_start=1549
+  _globals['_COLLECTIVERENDEZVOUS']._serialized_end=1653
+  _globals['_PREPAREWEIGHTSUPDATERESPONSE']._serialized_start=1656
+  _globals['_PREPAREWEIGHTSUPDATERESPONSE']._serialized_end=1827
+  _globals['_CUDAIPCTENSOR']._serialized_start=1830
+  _globals['_CUDAIPCTENSOR']._serialized_end=2155
+  _globals['_CUDAIPCTENSORS']._serialized_start=2157
+  _globals['_CUDAIPCTENSORS']._serialized_end=2213
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=2215
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=2303
+  _globals['_GENERATIONINFOREQUEST']._serialized_start=2305
+  _globals['_GENERATIONINFOREQUEST']._serialized_end=2328
+  _globals['_GENERATIONSERVERINFO']._serialized_start=2331
+  _globals['_GENERATIONSERVERINFO']._serialized_end=2575
+  _globals['_GENERATIONSERVICE']._serialized_start=3104
+  _globals['_GENERATIONSERVICE']._serialized_end=3437
 # @@protoc_insertion_point(module_scope)

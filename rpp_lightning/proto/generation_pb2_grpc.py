@@ -50,6 +50,11 @@ class GenerationServiceStub:
                 request_serializer=rpp_dot_v1_dot_generation__pb2.GenerationInfoRequest.SerializeToString,
                 response_deserializer=rpp_dot_v1_dot_generation__pb2.GenerationServerInfo.FromString,
                 _registered_method=True)
+        self.PrepareWeightsUpdate = channel.unary_unary(
+                '/rpp.v1.GenerationService/PrepareWeightsUpdate',
+                request_serializer=rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateRequest.SerializeToString,
+                response_deserializer=rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -80,6 +85,17 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareWeightsUpdate(self, request, context):
+        """Begins an update whose tensor data travels outside gRPC (shared memory, CUDA IPC, a
+        collective): checks the target version and every name, dtype and shape, and leases what the
+        data travels through. The data then moves, and an UpdateWeights stream naming the lease
+        (header, commit) applies it. FAILED_PRECONDITION: the transport is not available here (the
+        client falls back to STREAM); RESOURCE_EXHAUSTED: another update holds the transport.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +113,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=rpp_dot_v1_dot_generation__pb2.GenerationInfoRequest.FromString,
                     response_serializer=rpp_dot_v1_dot_generation__pb2.GenerationServerInfo.SerializeToString,
+            ),
+            'PrepareWeightsUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareWeightsUpdate,
+                    request_deserializer=rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateRequest.FromString,
+                    response_serializer=rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +202,33 @@ class GenerationService:
             '/rpp.v1.GenerationService/GetInfo',
             rpp_dot_v1_dot_generation__pb2.GenerationInfoRequest.SerializeToString,
             rpp_dot_v1_dot_generation__pb2.GenerationServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareWeightsUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpp.v1.GenerationService/PrepareWeightsUpdate',
+            rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateRequest.SerializeToString,
+            rpp_dot_v1_dot_generation__pb2.PrepareWeightsUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -127,6 +127,7 @@ class TrainerServers:
             channel=endpoint,
             timeout_s=endpoint.timeout_s,
             policy=self.failure_policy,
+            weight_transport=endpoint.weight_transport,
         )
         self.generation.wait_until_ready(timeout_s=300)
         self.rewards = RewardClient(self.reward_sources, self.failure_policy)

@@ -21,7 +21,7 @@ from torch import nn
 from rpp_lightning.rl.behaviour import WeightSnapshots
 from rpp_lightning.rl.distributed import Ranks
 from rpp_lightning.rl.faults import WeightPushError
-from rpp_lightning.rl.policy import full_state_dict
+from rpp_lightning.weight_transport.sender import TensorStream
 
 if TYPE_CHECKING:  # only named in annotations: the servers are built by the module
     from rpp_lightning.rl.trainer_servers import TrainerServers
@@ -56,7 +56,7 @@ class WeightSync:
         ranks = self._ranks
         if ranks is None:
             raise RuntimeError("WeightSync.connect(ranks) must come before a push")
-        state = full_state_dict(policy)
+        stream = full_state_stream(policy)  # gathered tensor by tensor as it is sent
         version, error = None, None
         if ranks.global_rank == 0:  # only rank 0 asks: another rank could see the new version
             try:
@@ -64,9 +64,11 @@ class WeightSync:
                 served = self.servers.served_version() if not self._synced else 0
                 version = max(self.version, served) + 1
                 dtype = self.servers.push_dtype(ranks.root_device.type)
-                self.servers.generation.push_weights(state, version, dtype=dtype)
+                self.servers.generation.push_weights(stream, version, dtype=dtype)
             except Exception as exc:  # re-raised on every rank below
                 error = f"{type(exc).__name__}: {exc}"
+        for _ in stream.tensors:  # the other ranks gather in step; rank 0 what a failure left
+            pass
         version, error = ranks.broadcast((version, error), src=0)
         if version is not None:  # even if no replica took it: older weights are not the policy
             self.version = version
@@ -110,3 +112,20 @@ class WeightSync:
         """Drop the copies no rollout within max_staleness of the trainer can need."""
         if self.snapshots is not None:
             self.snapshots.keep_from(self.version - self.max_staleness)
+
+
+def full_state_stream(model: nn.Module) -> TensorStream:
+    """The full parameters and buffers for a weight push, gathered one tensor at a time as the
+    stream is read: never more than one unsharded tensor beyond what the transport holds (no
+    copy of the whole model on the GPU). Under FSDP2 every rank must read the whole stream, in
+    step (each read all-gathers); rank 0 pushes what it reads, the others discard it."""
+    state = model.state_dict()  # DTensors under FSDP2: their shape and dtype are the full ones
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+    device = next((t.device.type for t in state.values()), "cpu")
+
+    def gathered():
+        for name, tensor in state.items():
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            yield name, full.detach()
+
+    return TensorStream(specs, gathered(), device)

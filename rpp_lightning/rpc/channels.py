@@ -1,7 +1,10 @@
 """Client side of the runner: one way to open a channel to any rpp server.
 
 The trainer opens one channel per replica (`replicas.ReplicaSet`, which also owns retries); a
-hostname with several addresses is balanced by gRPC's own `round_robin`. Imports grpc only.
+hostname with several addresses is balanced by gRPC's own `round_robin`. An address written
+`dns:///host:port` (or gRPC's `dns:host:port`) names every replica behind a DNS name, e.g. a
+Kubernetes headless Service: `resolve_all` lists them, and ReplicaSet keeps one channel per
+address it finds, re-resolving as replicas come and go. Imports grpc only.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 T = TypeVar("T")
+
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]
+"""`socket.getaddrinfo`'s signature and result: what `resolve_all` asks for a name's addresses."""
+_resolver: Resolver = socket.getaddrinfo
 
 
 @dataclass
@@ -45,6 +52,9 @@ class ChannelConfig:
     """File holding the bearer token to send."""
     max_message_mb: int = 256
     """Largest message sent or received, in MiB."""
+    dns_refresh_s: float = 30.0
+    """Addresses written dns:///host:port are resolved again this often (and at once after a
+    replica is lost), so replicas that appear or leave behind the name are followed."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata carrying the bearer token, if one is configured."""
@@ -63,6 +73,48 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def dns_name(address: str) -> tuple[str, int] | None:
+    """(host, port) of an address that names replicas through DNS (`dns:///host:port`, or
+    gRPC's short form `dns:host:port`); None for a plain host:port."""
+    if not address.startswith("dns:"):
+        return None
+    rest = address.removeprefix("dns:")
+    if rest.startswith("//"):  # dns://[authority]/host:port; the authority picks a DNS server
+        authority, slash, rest = rest[2:].partition("/")
+        if authority or not slash:
+            raise ValueError(
+                f"{address!r}: a DNS server in the address is not supported (the system "
+                "resolver is used); write dns:///host:port"
+            )
+    try:
+        return _split_host_port(rest)
+    except ValueError:
+        raise ValueError(f"address must be dns:///host:port, got {address!r}") from None
+
+
+def resolve_all(host: str, port: int) -> list[str]:
+    """Every address behind `host` (IPv4 and IPv6) as `a.b.c.d:port` / `[v6]:port`, in the
+    resolver's order, once each. Raises OSError (socket.gaierror) when the name does not resolve.
+    """
+    found = []
+    for family, *_, sockaddr in _resolver(host, port, type=socket.SOCK_STREAM):
+        if family == socket.AF_INET:
+            found.append(f"{sockaddr[0]}:{port}")
+        elif family == socket.AF_INET6:
+            found.append(f"[{sockaddr[0]}]:{port}")
+    return list(dict.fromkeys(found))
+
+
+def set_resolver(resolver: Resolver | None) -> Resolver:
+    """Answer `dns:` names with `resolver` (getaddrinfo-like; None: the system's again); returns
+    the one it replaces. For tests on loopback and for sites with their own service registry:
+    resolving names is the operating system's job, what the trainer does with the answers is ours.
+    """
+    global _resolver
+    previous, _resolver = _resolver, resolver or socket.getaddrinfo
+    return previous
+
+
 def resolve_target(addresses: Sequence[str]) -> str:
     """A gRPC target naming every replica: `ipv4:a:p,b:q` (hostnames resolved once here).
 
@@ -72,14 +124,14 @@ def resolve_target(addresses: Sequence[str]) -> str:
     if not addresses:
         raise ValueError("no server address given")
     if len(addresses) == 1:
-        host, port = _split_host_port(addresses[0])
+        host, port = dns_name(addresses[0]) or _split_host_port(addresses[0])
         try:
             ipaddress.ip_address(host)
         except ValueError:
             return f"dns:///{host}:{port}"
     v4, v6 = [], []
     for address in addresses:
-        host, port = _split_host_port(address)
+        host, port = dns_name(address) or _split_host_port(address)
         for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
             if family == socket.AF_INET:
                 v4.append(f"{sockaddr[0]}:{port}")

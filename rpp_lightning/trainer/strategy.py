@@ -6,6 +6,10 @@ here shards with FSDP2 only, so all processes form one data-parallel mesh dimens
 with gloo (how the tests exercise the sharded path).
 
     rpp-train fit --config configs/tiny.yaml --trainer.devices 2 --trainer.strategy fsdp2
+
+`rpp-train` reads `--trainer.strategy fsdp` (the word people type) as `fsdp2`: `rpp_strategy`.
+Lightning's registry entry `fsdp` is left as it is (its FSDP1 strategy), so `Trainer(strategy=
+"fsdp")` in a user's own script still means what Lightning's documentation says.
 """
 
 from __future__ import annotations
@@ -42,6 +46,25 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def rpp_strategy(strategy: object) -> object:
+    """The strategy `rpp-train` runs for the one typed: "fsdp" becomes "fsdp2"; anything else is
+    kept, except Lightning's other FSDP1 names, refused (ValueError naming fsdp2)."""
+    if not isinstance(strategy, str):
+        return strategy
+    name = strategy.lower()  # as Lightning reads it
+    if name == "fsdp":
+        return "fsdp2"
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+
+    if name in StrategyRegistry and issubclass(StrategyRegistry[name]["strategy"], FSDPStrategy):
+        # FSDP1 wraps the model itself: this trainer shards with fully_shard (FSDP2) only
+        raise ValueError(
+            f"--trainer.strategy {strategy} is Lightning's FSDP1, which rpp-train does not run; "
+            "use --trainer.strategy fsdp2 (FSDP2, CPU or CUDA)"
+        )
+    return strategy
 
 
 def register() -> None:

@@ -22,40 +22,17 @@ import torch
 
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.rpc.serving import invalid_argument, quote
+from rpp_lightning.weight_transport.kinds import dtype_from_wire, dtype_to_wire
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 """Tensor bytes per stream message: far below gRPC's message limit, large enough that the
 per-message cost (about 0.1 ms through both gRPC stacks on loopback) is small next to moving
 the bytes."""
 
-_TO_WIRE = {
-    torch.float32: pb.TENSOR_DTYPE_FLOAT32,
-    torch.float16: pb.TENSOR_DTYPE_FLOAT16,
-    torch.bfloat16: pb.TENSOR_DTYPE_BFLOAT16,
-    torch.float64: pb.TENSOR_DTYPE_FLOAT64,
-    torch.int64: pb.TENSOR_DTYPE_INT64,
-    torch.int32: pb.TENSOR_DTYPE_INT32,
-    torch.uint8: pb.TENSOR_DTYPE_UINT8,
-    torch.bool: pb.TENSOR_DTYPE_BOOL,
-}
-_FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
-
 # The wire is little-endian; viewing tensor memory as bytes is only that on little-endian hosts.
 assert sys.byteorder == "little", "the weights wire format needs a little-endian host"
 
 ExpectedShapes = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-def dtype_to_wire(dtype: torch.dtype) -> int:
-    """The TensorDtype enum value of a torch dtype (ValueError for unsupported dtypes)."""
-    if dtype not in _TO_WIRE:
-        raise ValueError(f"dtype {dtype} cannot be sent; supported: {sorted(map(str, _TO_WIRE))}")
-    return _TO_WIRE[dtype]
-
-
-def dtype_from_wire(wire: int) -> torch.dtype | None:
-    """The torch dtype of a TensorDtype enum value, or None when unknown or unspecified."""
-    return _FROM_WIRE.get(wire)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
