@@ -129,7 +129,9 @@ class TrainerServers:
             policy=self.failure_policy,
             weight_transport=endpoint.weight_transport,
         )
-        self.generation.wait_until_ready(timeout_s=300)
+        # deployed servers may still be loading a large model: wait at least as long as for
+        # one that failed mid-run
+        self.generation.wait_until_ready(timeout_s=max(300.0, self.failure_policy.retry_budget_s))
         self.rewards = RewardClient(self.reward_sources, self.failure_policy)
         # With a verifier among the sources an empty response counts as a wrong answer in the
         # accuracy; without one, accuracy is undefined and is not logged.
