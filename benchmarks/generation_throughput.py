@@ -171,7 +171,8 @@ def bench_weight_sync(args: argparse.Namespace, workdir: Path) -> dict:
 
     proc, address = start_server(model, "cpu", 8)
     try:
-        with GenerationClient([address]) as client:
+        # the gRPC stream, as this figure always measured; every transport: weight_push.py
+        with GenerationClient([address], weight_transport="grpc") as client:
             client.wait_until_ready()
             synced = []
             for version in range(1, args.repeats + 2):
@@ -293,7 +294,7 @@ def bench_vllm(args: argparse.Namespace, workdir: Path) -> dict:
     for name, extra in (("vllm", vllm_flags), ("transformers", ())):
         proc, address = start_server(model, args.device, 8, extra)
         try:
-            with GenerationClient([address], timeout_s=600) as client:
+            with GenerationClient([address], timeout_s=600, weight_transport="grpc") as client:
                 client.wait_until_ready()
                 times = []
                 for version in range(1, args.repeats + 2):
