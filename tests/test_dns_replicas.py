@@ -24,7 +24,7 @@ from rpp_lightning.clients.rewards import RewardClient, RewardError, RewardQuery
 from rpp_lightning.config import RewardSource
 from rpp_lightning.rpc import channels
 from rpp_lightning.rpc.channels import ChannelConfig, dns_name
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 from rpp_lightning.rpc.server_config import ServerConfig
 
 PATIENT = FailurePolicy(retry_budget_s=20.0, initial_backoff_s=0.05, max_backoff_s=0.2)

@@ -25,7 +25,7 @@ from rpp_lightning.clients.rewards import RewardClient, RewardError, RewardQuery
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import reward_pb2, reward_pb2_grpc
 from rpp_lightning.rl.faults import EXIT_SERVER_FAILURE
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 from rpp_lightning.rpc.server_config import ServerConfig
 from rpp_lightning.rpc.serving import GrpcServer, ServiceSpec
 

@@ -23,7 +23,7 @@ from rpp_lightning.generation.backend import SampleRow
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.generation.transformers_backend import TransformersBackend
 from rpp_lightning.proto import generation_pb2 as pb
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 from rpp_lightning.rpc.serving import StatusError
 from rpp_lightning.weight_transport.wire import WeightsAssembler, iter_update_requests
 

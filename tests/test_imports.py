@@ -71,11 +71,11 @@ def test_the_module_names_of_0_1_still_import_to_the_same_objects() -> None:
         old_module, new_module = importlib.import_module(old), importlib.import_module(new)
         shared = [n for n in vars(new_module) if not n.startswith("__")]
         assert shared and all(getattr(old_module, n) is getattr(new_module, n) for n in shared)
-    from rpp_lightning.rpc.replicas import FailurePolicy
+    from rpp_lightning.rpc.failures import FailurePolicy
 
     # a checkpoint of 0.1 pickled this class under its old module name
     old_pickle = pickle.dumps(FailurePolicy(retry_budget_s=7.0), protocol=0).replace(
-        b"rpp_lightning.rpc.replicas", b"rpp_lightning.replicas"
+        b"rpp_lightning.rpc.failures", b"rpp_lightning.replicas"
     )
     assert b"rpp_lightning.replicas" in old_pickle
     assert pickle.loads(old_pickle) == FailurePolicy(retry_budget_s=7.0)

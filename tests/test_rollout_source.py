@@ -41,7 +41,7 @@ from rpp_lightning.rl.policy import load_causal_lm
 from rpp_lightning.rl.rollout_source import MAX_PUSHES, Outcome, RolloutSource
 from rpp_lightning.rl.trainer_servers import TrainerServers
 from rpp_lightning.rl.weight_sync import WeightSync
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 
 
 @dataclass

@@ -38,7 +38,8 @@ import torch
 from rpp_lightning.proto import GENERATION_SERVICE, generation_pb2_grpc
 from rpp_lightning.proto import generation_pb2 as pb
 from rpp_lightning.rpc.channels import ChannelConfig, start_calls
-from rpp_lightning.rpc.replicas import FailurePolicy, ReplicaSet, describe
+from rpp_lightning.rpc.failures import FailurePolicy, describe
+from rpp_lightning.rpc.replicas import ReplicaSet
 from rpp_lightning.rpc.seeds import mix_seed
 from rpp_lightning.rpc.serving import server_seconds
 from rpp_lightning.weight_transport.kinds import NAMES as TRANSPORT_NAMES

@@ -20,7 +20,8 @@ import grpc
 from rpp_lightning.config import RewardSource
 from rpp_lightning.proto import REWARD_SERVICE, reward_pb2, reward_pb2_grpc
 from rpp_lightning.rpc.channels import start_calls
-from rpp_lightning.rpc.replicas import FailurePolicy, ReplicaSet, ServerUnavailableError, describe
+from rpp_lightning.rpc.failures import FailurePolicy, ServerUnavailableError, describe
+from rpp_lightning.rpc.replicas import ReplicaSet
 from rpp_lightning.rpc.serving import server_seconds
 
 _CHUNK = 128  # samples per Score call: chunks run in parallel across replicas

@@ -25,7 +25,7 @@ from rpp_lightning.rl.models import Models
 from rpp_lightning.rl.policy import experience_log_probs, response_log_probs
 from rpp_lightning.rl.timing import timed
 from rpp_lightning.rl.update import PolicyForward, single_forward_update
-from rpp_lightning.rpc.replicas import describe
+from rpp_lightning.rpc.failures import describe
 
 
 @dataclass

@@ -38,7 +38,7 @@ from rpp_lightning.rl.experience import Experience, PromptRow, RolloutBatch, pac
 from rpp_lightning.rl.faults import ServerFailure
 from rpp_lightning.rl.pipeline import PendingBatch, RolloutPipeline, RolloutsTooOld
 from rpp_lightning.rl.timing import BusyClock, timed
-from rpp_lightning.rpc.replicas import describe
+from rpp_lightning.rpc.failures import describe
 
 if TYPE_CHECKING:  # only named in annotations: the servers are built by the module
     from rpp_lightning.rl.trainer_servers import TrainerServers

@@ -26,7 +26,7 @@ from rpp_lightning.clients.local_servers import (
 from rpp_lightning.clients.rewards import RewardClient
 from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
 from rpp_lightning.rl.distributed import Ranks
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 
 log = logging.getLogger("rpp.servers")
 

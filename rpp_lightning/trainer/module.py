@@ -65,7 +65,7 @@ from rpp_lightning.rl.update import (
     policy_update,
 )
 from rpp_lightning.rl.weight_sync import WeightSync
-from rpp_lightning.rpc.replicas import FailurePolicy
+from rpp_lightning.rpc.failures import FailurePolicy
 from rpp_lightning.trainer.checkpoints import stop_for_server_failure
 from rpp_lightning.trainer.data import PromptDataModule
 from rpp_lightning.trainer.export import PolicyExport
