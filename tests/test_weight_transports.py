@@ -25,6 +25,7 @@ from rpp_lightning.clients.generation import GenerationClient, SamplingConfig, W
 from rpp_lightning.generation.server import GenerationLimits
 from rpp_lightning.generation.transformers_backend import TransformersBackend
 from rpp_lightning.rpc.server_config import ServerConfig
+from rpp_lightning.weight_transport.sender import TensorStream
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 GREEDY = SamplingConfig(n=1, temperature=0.0, max_new_tokens=6, seed=0)
@@ -247,3 +248,241 @@ def test_a_sender_killed_mid_push_leaves_the_old_weights_serving(
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
         assert svc.scheduler.version == 2
+
+
+# --- a 2-rank FSDP2 trainer pushes through WeightSync -------------------------------------------
+
+FSDP_TRANSPORTS = ("grpc", "shm", "collective")
+
+
+class _GlooRanks:
+    """`Ranks` over the test's default gloo group (what Lightning's strategy gives the trainer)."""
+
+    root_device = torch.device("cpu")
+
+    @property
+    def global_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+    def broadcast(self, obj, src: int = 0):
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def _fsdp_push_worker(rank: int, model_dir: str, addresses: dict, out: str) -> None:
+    """Both ranks: the policy sharded with FSDP2 as the trainer shards it, pushed by WeightSync
+    (every rank gathers, rank 0 sends) to one server per transport; then a step changes every
+    shard and it is pushed again (shm: the other region; collective: the same group)."""
+    import json
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from rpp_lightning.config import GenerationEndpoint, PolicyConfig, RewardSource
+    from rpp_lightning.rl.policy import load_sharded_causal_lm
+    from rpp_lightning.rl.trainer_servers import TrainerServers
+    from rpp_lightning.rl.weight_sync import WeightSync
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    model = load_sharded_causal_lm(PolicyConfig(path=model_dir), mesh, torch.device("cpu"))
+    assert isinstance(model, FSDPModule)
+    ranks, syncs, result = _GlooRanks(), {}, {}
+    for transport, address in addresses.items():
+        endpoint = GenerationEndpoint(addresses=[address], weight_transport=transport)
+        servers = TrainerServers(PolicyConfig(path=model_dir), endpoint, [RewardSource()])
+        if rank == 0:  # rank 1 has no client: a push that used one there would fail
+            servers.generation = GenerationClient([address], weight_transport=transport)
+        syncs[transport] = WeightSync(servers)
+        syncs[transport].connect(ranks)
+    for step in (1, 2):
+        if step == 2:
+            with torch.no_grad():  # an update: every rank changes its own shards
+                for parameter in model.parameters():
+                    parameter.mul_(0.5)
+        for transport, sync in syncs.items():
+            if step == 1:
+                sync.ensure_synced(model)  # the trainer's first push (asks what is served)
+            else:
+                sync.push(model)
+            assert sync.version == step
+            if rank == 0:
+                client = sync.servers.generation
+                assert client.transport_of(addresses[transport]) == transport
+                assert client.server_info()[0].weights_version == step
+                logprobs = [r.logprobs for r in client.generate(PROMPTS, GREEDY)]
+                result[f"{transport}/{step}"] = logprobs
+    if rank == 0:
+        for sync in syncs.values():
+            sync.servers.generation.close()
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+@pytest.mark.timeout(180)
+def test_a_two_rank_fsdp2_trainer_pushes_what_one_process_pushes_by_grpc(
+    tiny_lm_path, tmp_path
+) -> None:
+    import contextlib
+    import json
+
+    from two_ranks import run_on_two_ranks
+
+    from rpp_lightning.config import PolicyConfig
+    from rpp_lightning.rl.policy import load_causal_lm
+
+    # the trainer's policy: the served model plus noise (so a push that moved nothing shows)
+    policy = TransformersBackend(str(tiny_lm_path), device="cpu").model
+    policy.load_state_dict(perturbed(tiny_lm_path, torch.float32, 7))
+    policy.save_pretrained(tmp_path / "policy")
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(running_server(tiny_lm_path, GenerationLimits(**LIMITS)))
+            for name in ("reference", *FSDP_TRANSPORTS)
+        }
+        addresses = {t: servers[t][0].address for t in FSDP_TRANSPORTS}
+        run_on_two_ranks(_fsdp_push_worker, str(tmp_path / "policy"), addresses,
+                         str(tmp_path / "rank0.json"))  # fmt: skip
+        # the reference: the same weights in one process, pushed by the gRPC stream
+        reference = load_causal_lm(PolicyConfig(path=str(tmp_path / "policy")))
+        server, svc = servers["reference"]
+        want = {}
+        with GenerationClient([server.address], weight_transport="grpc") as client:
+            client.wait_until_ready()
+            for step in (1, 2):
+                if step == 2:
+                    with torch.no_grad():
+                        for parameter in reference.parameters():
+                            parameter.mul_(0.5)
+                client.push_weights(reference.state_dict(), step)
+                want[step] = served(client, svc)
+        pushed = json.loads((tmp_path / "rank0.json").read_text())
+        assert want[1][1] != want[2][1]  # the two versions are told apart by the batch
+        for transport in FSDP_TRANSPORTS:
+            for step in (1, 2):
+                assert pushed[f"{transport}/{step}"] == want[step][1], (transport, step)
+            state = servers[transport][1].backend.model.state_dict()
+            assert state.keys() == want[2][0].keys()
+            assert all(torch.equal(state[k], want[2][0][k]) for k in state), transport
+            assert servers[transport][1].scheduler.version == 2
+
+
+# --- two pushes racing --------------------------------------------------------------------------
+
+
+def _serving(reader: GenerationClient, servicer) -> tuple[dict, list, set]:
+    """What a server serves now, whatever its version: its state dict, a fixed batch's
+    log-probs, and the versions stamped on those rollouts."""
+    state = {k: v.clone() for k, v in servicer.backend.model.state_dict().items()}
+    rollouts = reader.generate(PROMPTS, GREEDY, min_version=0)
+    return state, [r.logprobs for r in rollouts], {r.weights_version for r in rollouts}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _held_at_first_tensor(state: dict, prepared, gate) -> TensorStream:
+    """`state` as a stream read only after PrepareWeightsUpdate: its first read waits for the
+    other push to have prepared too (`prepared`, a barrier), then for `gate`. The push that got
+    the lease holds it, mid-push, while the other one is refused and the test looks on."""
+
+    def tensors():
+        prepared.wait()
+        if not gate.wait(60):
+            raise TimeoutError("the gate never opened")
+        yield from state.items()
+
+    return TensorStream([(n, t.dtype, tuple(t.shape)) for n, t in state.items()], tensors())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["shm", "collective"])
+def test_two_pushes_racing_one_lands_whole_the_other_is_refused(tiny_lm_path, transport):
+    import threading
+
+    weights = {v: perturbed(tiny_lm_path, torch.float32, 20 + v) for v in (1, 2, 3)}
+    with (
+        running_server(tiny_lm_path, GenerationLimits(**LIMITS)) as (server, svc),
+        GenerationClient([server.address], weight_transport=transport) as one,
+        GenerationClient([server.address], weight_transport=transport) as two,
+        GenerationClient([server.address], weight_transport="grpc") as reader,
+    ):
+        for client in (one, two, reader):
+            client.wait_until_ready()
+        before = _serving(reader, svc)
+        start = threading.Barrier(2, timeout=60)
+        prepared = threading.Barrier(3, timeout=60)  # both pushes and this test
+        gate = threading.Event()
+        outcomes: dict[int, BaseException | None] = {}
+
+        def push(client: GenerationClient, version: int) -> None:
+            start.wait()  # both at once
+            try:
+                stream = _held_at_first_tensor(weights[version], prepared, gate)
+                client.push_weights(stream, version)
+                outcomes[version] = None
+            except BaseException as exc:
+                outcomes[version] = exc
+
+        threads = [
+            threading.Thread(target=push, args=(client, version), daemon=True)
+            for client, version in ((one, 1), (two, 2))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            prepared.wait()  # both have asked; no tensor has moved
+            # one holds the transport mid-push: rollouts meanwhile come from the old weights
+            state, logprobs, versions = _serving(reader, svc)
+            assert _equal(state, before[0]) and logprobs == before[1] and versions == {0}
+        finally:
+            gate.set()
+        for thread in threads:
+            thread.join(60)
+            assert not thread.is_alive(), "a push hangs"
+        landed = [v for v, error in outcomes.items() if error is None]
+        assert len(landed) == 1, outcomes
+        winner, loser = landed[0], 3 - landed[0]
+        refusal = outcomes[loser]
+        assert isinstance(refusal, WeightSyncError), refusal
+        assert "RESOURCE_EXHAUSTED" in str(refusal), refusal
+        # the winner's weights, every tensor of them, stamped with the winner's version
+        state, logprobs, versions = _serving(reader, svc)
+        assert _equal(state, weights[winner])
+        assert all(not torch.equal(state[k], weights[loser][k]) for k in state)
+        assert logprobs != before[1] and versions == {winner}
+        assert svc.scheduler.version == winner == reader.server_info()[0].weights_version
+        # the refused client pushes again, by its transport, and that lands
+        refused = one if loser == 1 else two
+        refused.push_weights(weights[3], 3)
+        assert refused.transport_of(server.address) == transport
+        state, _, versions = _serving(reader, svc)
+        assert _equal(state, weights[3]) and versions == {3} and svc.scheduler.version == 3
+
+
+def test_a_collective_lease_a_dead_sender_never_used_expires(tiny_lm_path) -> None:
+    from generation_helpers import stub_for
+
+    from rpp_lightning.weight_transport.sender import OutOfBandSender, Target
+
+    with (
+        running_server(tiny_lm_path, GenerationLimits(update_idle_timeout_s=1.0)) as (s, svc),
+        stub_for(s.address) as stub,
+        GenerationClient([s.address], weight_transport="collective") as client,
+    ):
+        client.wait_until_ready()
+        # a trainer joins the group and leases it, then dies before its UpdateWeights stream
+        state = perturbed(tiny_lm_path, torch.float32, 1)
+        specs = [(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+        dead = OutOfBandSender(timeout_s=10)
+        assert dead._prepare(Target(0, s.address, "collective", stub), specs, 1).lease_id
+        time.sleep(1.5)  # past the lease time
+        # the next trainer needs a new rendezvous: the dead one's lease must not block it
+        client.push_weights(perturbed(tiny_lm_path, torch.float32, 2), 2)
+        assert client.transport_of(s.address) == "collective" and svc.scheduler.version == 2
+        dead.close()

@@ -88,6 +88,11 @@ class ServerGroup:
         finally:
             self._joined.set()
 
+    @property
+    def joining(self) -> bool:
+        """The rendezvous is under way: neither joined nor failed yet."""
+        return not self._joined.is_set()
+
     def wait_joined(self, timeout_s: float) -> bool:
         """True once the trainer has joined (False: not yet, or the rendezvous failed)."""
         return self._joined.wait(timeout_s) and self.group is not None and not self.broken

@@ -64,6 +64,7 @@ class _Lease:
     specs: list[Slot]
     expires: float
     region: SharedMemoryRegion | None = None
+    group: ServerGroup | None = None  # collective: the group this lease was checked against
     bucket_bytes: list[int] = field(default_factory=list)
     buckets_of: dict[str, int] = field(default_factory=dict)
 
@@ -130,6 +131,8 @@ class OutOfBandReceiver:
             time.monotonic() + self.settings.lease_s,
         )  # fmt: skip
         if transport == COLLECTIVE:
+            # the data comes through this group even if a new rendezvous replaces self._group
+            lease.group = group
             lease.bucket_bytes = list(request.bucket_bytes)
             lease.buckets_of = {spec.name: spec.bucket for spec in request.tensors}
             self._check_buckets(request)
@@ -198,10 +201,18 @@ class OutOfBandReceiver:
     def _new_rendezvous(self) -> pb.CollectiveRendezvous:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         with self._lock:
+            self._expire()  # a lease prepared by a sender that died before its stream began
             if any(lease.transport == COLLECTIVE for lease in self._leases.values()):
                 raise StatusError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "an update is being received through the collective group; retry later",
+                )
+            if self._group is not None and self._group.joining:
+                # replacing it would fail the trainer joining it now (two trainers racing);
+                # one that never comes is given up within the lease time
+                raise StatusError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "another trainer is joining this server's collective group; retry later",
                 )
             self._group = ServerGroup(backend, self.settings.lease_s)
             group = self._group
@@ -277,7 +288,7 @@ class OutOfBandReceiver:
         return update, complete, release
 
     def _receive_buckets(self, lease: _Lease) -> dict[str, torch.Tensor]:
-        group = self._group
+        group = lease.group
         if group is None or not group.wait_joined(0):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the collective group is gone")
         try:
